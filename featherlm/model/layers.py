@@ -1,0 +1,231 @@
+"""Building blocks shared by every family: norms, positions, attention, MLP, the transformer block.
+
+Shapes: B batch, T new tokens, S attended positions (cache + new), H query heads, Hkv key/value
+heads, D head size, C model width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featherlm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama). Computed in fp32 so bf16 weights keep HF's numerics."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,  # exact erf GELU (BERT)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "relu": F.relu,
+}
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of RoPE, with Llama 3 style long-context scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind not in (None, "default"):
+        raise NotImplementedError(f"rope_scaling type {kind!r} is not supported")
+    return inv_freq.float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """cos and sin tables for the given positions: each (B, 1, T, D), ready to broadcast over heads."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): HF's "rotate_half" layout
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of x (B, H, T, D) by the position angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """The fixed sin/cos position table of "Attention Is All You Need": (n_pos, dim)."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div[: dim // 2])
+    return table
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, Hkv, max_len, D) each.
+
+    Static buffers avoid a torch.cat per token (the usual dynamic cache cost); ``length`` counts the
+    filled positions and advances once per forward, after the last layer wrote. On CPU the cache is
+    kept in fp32 even for bf16 weights: CPU attention kernels are several times slower in bf16 for
+    one query token, and the cache is small next to the weights.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new k, v (B, Hkv, T, D) at the current length; return all filled positions."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, {end} needed")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search keeps the surviving beams)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+# ----------------------------------------------------------------------------- attention and MLP
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) attention with separate q/k/v projections."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        c, d = config.d_model, config.head_dim
+        self.q_proj = nn.Linear(c, self.n_head * d, bias=config.attn_bias)
+        self.k_proj = nn.Linear(c, self.n_kv_head * d, bias=config.attn_bias)
+        self.v_proj = nn.Linear(c, self.n_kv_head * d, bias=config.attn_bias)
+        self.o_proj = nn.Linear(self.n_head * d, c, bias=config.o_bias)
+        self.use_rope = config.position == "rope"
+        self.causal = config.causal
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        mask: torch.Tensor | None,  # bool (B, 1, T, S), True = may attend; None = plain causal/full
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
+            q = q.to(k.dtype)  # the cache may be fp32 under bf16 weights (see KVCache)
+        gqa = self.n_kv_head != self.n_head  # grouped-query attention: each k/v head serves a group
+        weights = None
+        if need_weights:  # explicit softmax so the attention map can be returned
+            if gqa:
+                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, S, D)
+                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+            if mask is None and self.causal and T > 1:
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.float().softmax(-1).to(q.dtype)
+            y = weights @ v
+        else:
+            is_causal = mask is None and self.causal and T > 1 and k.shape[2] == T
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim).to(x.dtype)  # (B, T, H*D)
+        return self.o_proj(y), weights
+
+
+class MLP(nn.Module):
+    """Feed-forward: gated (SwiGLU: down(act(gate(x)) * up(x))) or plain (down(act(up(x))))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gated = config.mlp == "gated"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """One transformer layer, pre-LN (GPT-2, Llama) or post-LN (BERT).
+
+    Norm names say where each norm sits: ``input_layernorm`` before attention (pre-LN),
+    ``post_attention_layernorm`` right after attention (pre-LN: before the MLP; post-LN: after the
+    attention residual), ``post_mlp_layernorm`` after the MLP residual (post-LN only).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.pre_ln = config.norm_position == "pre"
+        if self.pre_ln:
+            self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = MLP(config)
+        if not self.pre_ln:
+            self.post_mlp_layernorm = make_norm(config)
+
+    def forward(self, x, mask, rope, cache, need_weights=False):
+        if self.pre_ln:
+            a, w = self.self_attn(self.input_layernorm(x), mask, rope, cache, need_weights)
+            x = x + a
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        else:
+            a, w = self.self_attn(x, mask, rope, cache, need_weights)
+            x = self.post_attention_layernorm(x + a)
+            x = self.post_mlp_layernorm(x + self.mlp(x))
+        return x, w

@@ -1,0 +1,184 @@
+"""The one transformer: decoders (GPT-2, Llama) and encoders (BERT) from the same blocks.
+
+Parameter names follow Hugging Face Llama without the ``model.`` prefix (``embed_tokens``,
+``layers.N.self_attn.q_proj``, ``layers.N.mlp.gate_proj``, ``norm``, ``lm_head``) for every family,
+so a PEFT target list means the same thing everywhere and Llama conversion is the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from featherlm.config import ModelConfig
+from featherlm.model.layers import Block, KVCache, make_norm, rope_cos_sin, rope_inv_freq, sinusoidal_table
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns.
+
+    ``logits`` (B, T, V) for decoders (only the last position when ``last_only``), None for
+    encoders; ``hidden`` (B, T, C) is the final hidden state; ``attentions`` one (B, H, T, S) per
+    layer when requested; ``pooled`` (B, C) is BERT's pooler output.
+    """
+
+    logits: torch.Tensor | None
+    hidden: torch.Tensor
+    attentions: list[torch.Tensor] | None = None
+    pooled: torch.Tensor | None = None
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.d_model
+        self.embed_tokens = nn.Embedding(config.vocab_size, c)
+        if config.position == "learned":
+            self.embed_positions = nn.Embedding(config.max_seq_len, c)
+        elif config.position == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoidal_table(config.max_seq_len, c), persistent=False)
+        elif config.position == "rope":
+            self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        if config.type_vocab_size:
+            self.embed_token_types = nn.Embedding(config.type_vocab_size, c)
+        if config.embed_norm:
+            self.embed_norm = make_norm(config)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        if config.final_norm:
+            self.norm = make_norm(config)
+        if config.pooler:
+            self.pooler = nn.Sequential()
+            self.pooler.add_module("dense", nn.Linear(c, c))
+            self.pooler.add_module("act", nn.Tanh())
+        if config.causal and not config.tie_embeddings:
+            self.lm_head = nn.Linear(c, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def reset_parameters(self) -> None:
+        """Random init as in GPT-2/BERT: normal(0, initializer_range) weights, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 1:
+                nn.init.ones_(module.weight)  # RMSNorm / LayerNorm
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def init_buffers(self) -> None:
+        """Recompute the non-persistent position tables (needed after building on the meta device)."""
+        device = self.embed_tokens.weight.device
+        if self.config.position == "rope":
+            self.inv_freq = rope_inv_freq(self.config).to(device)
+        elif self.config.position == "sinusoidal":
+            self.sinusoid = sinusoidal_table(self.config.max_seq_len, self.config.d_model).to(device)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The unembedding matrix (V, C); the embedding itself when tied."""
+        return self.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A KV cache for ``batch_size`` rows of up to ``max_len`` positions (default: the context)."""
+        p = self.embed_tokens.weight
+        dtype = torch.float32 if p.device.type == "cpu" else p.dtype  # see KVCache
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, dtype, p.device)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        *,
+        attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, S = cache + T
+        position_ids: torch.Tensor | None = None,  # (B, T)
+        token_type_ids: torch.Tensor | None = None,  # (B, T)
+        cache: KVCache | None = None,
+        output_attentions: bool = False,
+        last_only: bool = False,  # decoders: logits of the last position only (generation)
+    ) -> ModelOutput:
+        cfg = self.config
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context of {cfg.max_seq_len}")
+        if position_ids is None:
+            position_ids = self.default_positions(B, T, past, attention_mask, input_ids.device)
+
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        if cfg.position == "learned":
+            x = x + self.embed_positions(position_ids)
+        elif cfg.position == "sinusoidal":
+            x = x + self.sinusoid[position_ids].to(x.dtype)
+        if cfg.type_vocab_size:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.embed_token_types(token_type_ids)
+        if cfg.embed_norm:
+            x = self.embed_norm(x)
+        rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype) if cfg.position == "rope" else None
+        mask = self.build_mask(attention_mask, B, T, past)
+
+        attentions: list[torch.Tensor] | None = [] if output_attentions else None
+        for layer in self.layers:
+            x, w = layer(x, mask, rope, cache, output_attentions)
+            if attentions is not None:
+                attentions.append(w)
+        if cache is not None:
+            cache.length += T
+        if cfg.final_norm:
+            x = self.norm(x)
+
+        logits = pooled = None
+        if cfg.causal:
+            h = x[:, -1:] if last_only else x
+            logits = h @ self.output_weight.t()  # (B, T, V)
+        if cfg.pooler:
+            pooled = self.pooler(x[:, 0])
+        return ModelOutput(logits=logits, hidden=x, attentions=attentions, pooled=pooled)
+
+    def default_positions(self, B: int, T: int, past: int, attention_mask: torch.Tensor | None,
+                          device: torch.device) -> torch.Tensor:
+        """Positions 0.. for each row; with a padding mask on a decoder, counted from the first real
+        token, so a left-padded prompt gets the same positions as the unpadded one."""
+        if attention_mask is not None and self.config.causal:
+            pos = attention_mask.long().cumsum(-1) - 1  # (B, S)
+            return pos[:, past : past + T].clamp(min=0)
+        return torch.arange(past, past + T, device=device).expand(B, T)
+
+    def build_mask(self, attention_mask: torch.Tensor | None, B: int, T: int, past: int) -> torch.Tensor | None:
+        """Boolean (B, 1, T, S) mask, True where a query may attend; None when no mask is needed.
+
+        Decoders combine causality with padding; every query may attend to itself, so a padding
+        query never has an all-masked row (which would give NaN in softmax).
+        """
+        S = past + T
+        if attention_mask is None:
+            if self.config.causal and past > 0 and T > 1:  # chunked prefill onto a cache
+                causal = torch.ones(T, S, dtype=torch.bool, device=self.inv_device).tril(past)
+                return causal[None, None]
+            return None
+        keys = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
+        if not self.config.causal:
+            return keys
+        if T == 1 and bool(keys.all()):
+            return None  # one new token attends to everything: skip building a mask
+        causal = torch.ones(T, S, dtype=torch.bool, device=attention_mask.device).tril(past)
+        own = torch.zeros(T, S, dtype=torch.bool, device=attention_mask.device)
+        own[torch.arange(T), past + torch.arange(T)] = True
+        return (keys & causal) | own
+
+    @property
+    def inv_device(self) -> torch.device:
+        return self.embed_tokens.weight.device

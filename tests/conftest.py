@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny random featherlm models and tiny random Hugging Face models saved to disk.
+
+Random weights are drawn at a larger scale than the usual 0.02 init (and biases and norm weights are
+randomised too), so that a wrong name map, a dropped bias or a transposed matrix changes the logits
+by far more than the parity tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from featherlm.config import preset
+from featherlm.model import Transformer
+
+# Tiny tensors gain nothing from intra-op threads, and on a shared, busy machine their spin-waits make
+# the suite several times slower and its timing erratic.
+torch.set_num_threads(1)
+
+VOCAB = 97  # not a power of two: catches vocab/width mix-ups
+CONTEXT = 64
+
+
+def randomize_(model: nn.Module, seed: int, std: float = 0.2) -> nn.Module:
+    """Overwrite every parameter with seeded noise; norm weights stay near 1 so activations are sane."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * std
+            is_norm = any(key in name.lower() for key in ("norm", "ln_")) and p.dim() == 1
+            p.copy_(1.0 + noise if is_norm and name.endswith("weight") else noise)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: ``tiny_model(family, seed=0, **config_overrides)`` -> a random featherlm Transformer."""
+
+    def make(family: str = "llama", seed: int = 0, **overrides) -> Transformer:
+        overrides = {"vocab_size": VOCAB, "max_seq_len": CONTEXT, **overrides}
+        if family == "llama":
+            overrides = {"n_kv_head": 2, **overrides}  # grouped-query attention by default
+        torch.manual_seed(seed)
+        return randomize_(Transformer(preset(family, **overrides)), seed)
+
+    return make
+
+
+# ----------------------------------------------------------------------------- Hugging Face folders
+
+
+def _save(model, folder):
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2(tmp_path_factory):
+    """(folder, model): a random GPT2LMHeadModel saved with save_pretrained; no eos/bos token."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    model = randomize_(GPT2LMHeadModel(config), seed=1, std=0.3)
+    return _save(model, tmp_path_factory.mktemp("hf_gpt2")), model
+
+
+def _llama(tmp_path_factory, name: str, seed: int, **kwargs):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=CONTEXT, **kwargs)
+    torch.manual_seed(seed)
+    model = randomize_(LlamaForCausalLM(config), seed=seed)
+    return _save(model, tmp_path_factory.mktemp(name)), model
+
+
+@pytest.fixture(scope="session")
+def hf_llama(tmp_path_factory):
+    """Random LlamaForCausalLM: grouped-query attention (4 heads, 2 kv heads), untied lm_head."""
+    return _llama(tmp_path_factory, "hf_llama", 2, num_key_value_heads=2, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def hf_llama_tied(tmp_path_factory):
+    """Random LlamaForCausalLM with tied embeddings and plain multi-head attention."""
+    return _llama(tmp_path_factory, "hf_llama_tied", 3, num_key_value_heads=4, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def hf_llama_rope_scaled(tmp_path_factory):
+    """Random Llama 3 style model: GQA, rope_theta 500 and "llama3" RoPE scaling (as transformers 5
+    saves it: inside ``rope_parameters``)."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    return _llama(tmp_path_factory, "hf_llama3", 4, num_key_value_heads=1, tie_word_embeddings=False,
+                  rope_theta=500.0, rope_scaling=scaling)
+
+
+@pytest.fixture(scope="session")
+def hf_bert(tmp_path_factory):
+    """(folder, model): a random BertModel (with pooler) saved with save_pretrained."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=CONTEXT, type_vocab_size=2)
+    torch.manual_seed(5)
+    model = randomize_(BertModel(config), seed=5)
+    return _save(model, tmp_path_factory.mktemp("hf_bert")), model
