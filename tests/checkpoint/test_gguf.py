@@ -29,20 +29,9 @@ def ckpt():
 
 
 @pytest.fixture(scope="module")
-def reference(ckpt):
-    """transformers' own GGUF loader (the code behind from_pretrained(gguf_file=...)).
-
-    The meta-device model only tells it which names to produce; its config and the tensor values
-    come from its own parsing. Caching gguf's name table (rebuilt per module otherwise) saves ~10 s.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
-        with torch.device("meta"):
-            model = LlamaForCausalLM(LlamaConfig(**ckpt.hf_config))
-        return load_gguf_checkpoint(str(model_path()), return_tensors=True, model_to_load=model)
+def reference(smollm2_reference):
+    """transformers' own GGUF loader output (see conftest.smollm2_reference)."""
+    return smollm2_reference
 
 
 # ----- the real model ----------------------------------------------------------------------------
