@@ -113,7 +113,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("(history cleared)")
             continue
         history.append({"role": "user", "content": text})
-        prompt = lm.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        prompt = fit_history(lm, history, len(system), cfg.max_new_tokens)
         results = []
         if interactive:
             print("assistant> ", end="", flush=True)
@@ -128,6 +128,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         emit_json({"turns": sum(m["role"] == "user" for m in history), "messages": history,
                    "last": last.to_dict() if last else None})
     return 0
+
+
+def fit_history(lm, history: list[dict], keep: int, max_new_tokens: int) -> str:
+    """Render the chat prompt, dropping the oldest turns (never the first ``keep`` system messages)
+    until it leaves room for an answer in the context; the newest message always stays."""
+    context = lm.model.config.max_seq_len
+    room = min(max_new_tokens, context // 4)  # keep at least a quarter of the context for the answer
+    while True:
+        prompt = lm.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        if len(lm.tokenizer.encode(prompt)) + room <= context or len(history) <= keep + 1:
+            return prompt
+        del history[keep]  # oldest user or assistant message
 
 
 @verb("info")
@@ -176,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return VERBS[args.verb](args)
     except FeatherError as e:
-        print(f"featherlm {args.verb}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).splitlines())  # one line, even when a wrapped library message has several
+        print(f"featherlm {args.verb}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -31,6 +31,10 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, not a list of characters
+            self.stop = [self.stop]
+
     def check(self) -> None:
         if self.max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
@@ -290,7 +294,8 @@ class GenerationResult:
         t = self.timing
         return {
             "text": self.text, "finish_reason": self.finish_reason, "prompt_tokens": t.prompt_tokens,
-            "new_tokens": t.new_tokens, "prefill_tokens_per_s": round(t.prefill_tokens_per_s, 2),
+            # new_tokens: the tokens of the text; an end-of-sequence token is not counted
+            "new_tokens": len(self.token_ids), "prefill_tokens_per_s": round(t.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(t.decode_tokens_per_s, 2),
         }
 

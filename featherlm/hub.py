@@ -60,5 +60,7 @@ def download(repo_id: str) -> Path:
     try:
         folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"])
     except Exception as e:  # offline, unknown repo, gated model: one readable line
-        raise CheckpointError(repo_id, f"could not download from the hub ({type(e).__name__}: {e})") from None
+        detail = " ".join(str(e).split())  # huggingface_hub's messages span several lines
+        raise CheckpointError(repo_id, f"no such local path, and could not download it from the hub "
+                                       f"({type(e).__name__}: {detail})") from None
     return Path(folder)

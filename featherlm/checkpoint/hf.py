@@ -235,6 +235,8 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(path, "file not found") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(path, f"line {e.lineno}: invalid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, binary junk
+        raise CheckpointError(path, f"cannot read ({type(e).__name__}: {e})") from None
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -24,10 +24,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # x * rsqrt(mean(x^2) + eps) in one fused kernel, then the weight in the input dtype (as HF)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -69,17 +67,22 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """cos and sin tables for the given positions: each (B, 1, T, D), ready to broadcast over heads."""
+    """cos and signed sin tables for the given positions: each (B, 1, T, D), broadcast over heads.
+
+    HF's "rotate_half" layout pairs dims (i, i + D/2). The sign of rotate_half's first half is folded
+    into the sin table once per forward, so every layer rotates with one roll instead of cat + neg.
+    """
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): HF's "rotate_half" layout
-    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+    cos = torch.cat((freqs, freqs), dim=-1).cos()  # (B, T, D)
+    sin = freqs.sin()
+    signed_sin = torch.cat((-sin, sin), dim=-1)
+    return cos[:, None].to(dtype), signed_sin[:, None].to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2) of x (B, H, T, D) by the position angle."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of x (B, H, T, D) by the position angle:
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * sign."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
