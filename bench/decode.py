@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['dtype']:<10}{side:<14}{r[side]['prefill_tokens_per_s']:>15.1f}"
                   f"{r[side]['decode_tokens_per_s']:>14.2f}")
         print(f"{r['dtype']:<10}{'ratio':<14}{r['prefill_ratio']:>14.2f}x{r['decode_ratio']:>13.2f}x")
+    by_dtype = {r["dtype"]: r for r in rows}
+    if {"float32", "bfloat16"} <= set(by_dtype):  # each side's default: featherlm's CLI bf16, HF's fp32
+        ratio = (by_dtype["bfloat16"]["featherlm"]["decode_tokens_per_s"]
+                 / by_dtype["float32"]["transformers"]["decode_tokens_per_s"])
+        meta["defaults_decode_ratio"] = ratio
+        print(f"defaults (featherlm bfloat16 / transformers float32): decode {ratio:.2f}x")
     if args.json:
         print(json.dumps({**meta, "rows": rows}))
     return 0

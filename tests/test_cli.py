@@ -142,6 +142,7 @@ def main(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+# The CLI loads models in bfloat16 by default; comparisons with the Python API load them the same way.
 def generate_json(capsys, tiny: Path, *options: str) -> dict:
     rc, out, err = main(capsys, "generate", "--model", tiny, "--prompt", "the cat sat on", *options, "--json")
     assert rc == 0, err
@@ -155,7 +156,7 @@ def test_generate_json(capsys, tiny):
     assert 1 <= result["new_tokens"] <= 6
     assert result["finish_reason"] == ("length" if result["new_tokens"] == 6 else "stop")
     assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] >= 0
-    assert result["text"] and result["text"] == featherlm.load(tiny).generate("the cat sat on", max_new_tokens=6).text
+    assert result["text"] and result["text"] == featherlm.load(tiny, dtype="bfloat16").generate("the cat sat on", max_new_tokens=6).text
 
 
 def test_generate_streams_text_then_speeds_on_stderr(capsys, tiny):
@@ -187,14 +188,14 @@ def test_generate_stop_cuts_the_text(capsys, tiny):
 
 
 def test_generate_beam_search(capsys, tiny):
-    result = generate_json(capsys, tiny, "--max-new-tokens", "6", "--beams", "2")
+    result = generate_json(capsys, tiny, "--max-new-tokens", "6", "--beams", "2", "--dtype", "float32")
     assert set(result) == JSON_KEYS and result["text"]
     assert 1 <= result["new_tokens"] <= 6
-    lm = featherlm.load(tiny)
+    lm = featherlm.load(tiny)  # float32, as asked for on the command line
     assert result["text"] == lm.generate("the cat sat on", max_new_tokens=6, num_beams=2).text
     assert result["text"] != lm.generate("the cat sat on", max_new_tokens=6).text  # not greedy: --beams was used
     rc, out, err = main(capsys, "generate", "--model", tiny, "--prompt", "the cat sat on", "--max-new-tokens", "6",
-                        "--beams", "2")
+                        "--beams", "2", "--dtype", "float32")
     assert rc == 0 and out == result["text"] + "\n"
 
 

@@ -7,12 +7,47 @@ heads, D head size, C model width.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from featherlm.config import ModelConfig
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere (AVX2 machines)
+    oneDNN emulates bf16 GEMM, several times slower than fp32 once more than a few rows are multiplied."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+NATIVE_BF16 = _cpu_has_native_bf16()
+UPCAST_MIN_ROWS = 8  # measured crossover on an AVX2 CPU: below it bf16 reads fewer bytes and wins
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except bf16 inputs of many rows on a CPU without native bf16 are multiplied in fp32.
+
+    Weights stay bf16 in memory (half the bytes: decoding one token is bandwidth bound), while a
+    prompt's prefill, which is compute bound, does not pay for emulated bf16 arithmetic.
+    """
+    if (x.dtype is torch.bfloat16 and not NATIVE_BF16 and x.device.type == "cpu"
+            and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]):
+        b = None if bias is None else bias.float()
+        return F.linear(x.float(), weight.float(), b).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with featherlm's CPU bf16 dispatch (see ``linear``); same parameters and names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -24,8 +59,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) in one fused kernel, then the weight in the input dtype (as HF)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight in one call; computed in fp32 for bf16 inputs
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -141,10 +176,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         c, d = config.d_model, config.head_dim
-        self.q_proj = nn.Linear(c, self.n_head * d, bias=config.attn_bias)
-        self.k_proj = nn.Linear(c, self.n_kv_head * d, bias=config.attn_bias)
-        self.v_proj = nn.Linear(c, self.n_kv_head * d, bias=config.attn_bias)
-        self.o_proj = nn.Linear(self.n_head * d, c, bias=config.o_bias)
+        self.q_proj = Linear(c, self.n_head * d, bias=config.attn_bias)
+        self.k_proj = Linear(c, self.n_kv_head * d, bias=config.attn_bias)
+        self.v_proj = Linear(c, self.n_kv_head * d, bias=config.attn_bias)
+        self.o_proj = Linear(self.n_head * d, c, bias=config.o_bias)
         self.use_rope = config.position == "rope"
         self.causal = config.causal
 
@@ -192,9 +227,9 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = config.mlp == "gated"
         if self.gated:
-            self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+            self.gate_proj = Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.up_proj = Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.down_proj = Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

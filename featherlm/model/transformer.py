@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from featherlm.config import ModelConfig
-from featherlm.model.layers import Block, KVCache, make_norm, rope_cos_sin, rope_inv_freq, sinusoidal_table
+from featherlm.model.layers import (
+    Block,
+    KVCache,
+    Linear,
+    linear,
+    make_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    sinusoidal_table,
+)
 
 
 @dataclass
@@ -52,10 +61,10 @@ class Transformer(nn.Module):
             self.norm = make_norm(config)
         if config.pooler:
             self.pooler = nn.Sequential()
-            self.pooler.add_module("dense", nn.Linear(c, c))
+            self.pooler.add_module("dense", Linear(c, c))
             self.pooler.add_module("act", nn.Tanh())
         if config.causal and not config.tie_embeddings:
-            self.lm_head = nn.Linear(c, config.vocab_size, bias=False)
+            self.lm_head = Linear(c, config.vocab_size, bias=False)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup helpers
@@ -143,7 +152,7 @@ class Transformer(nn.Module):
         logits = pooled = None
         if cfg.causal:
             h = x[:, -1:] if last_only else x
-            logits = h @ self.output_weight.t()  # (B, T, V)
+            logits = linear(h, self.output_weight)  # (B, T, V)
         if cfg.pooler:
             pooled = self.pooler(x[:, 0])
         return ModelOutput(logits=logits, hidden=x, attentions=attentions, pooled=pooled)
