@@ -6,10 +6,9 @@ SmolLM2-135M Q4_1 file, 2 CPU cores):
 * the header parser: ``gguf.GGUFReader`` builds one numpy memmap view per array element, so a
   49k-token vocabulary takes ~3.5 s to parse; ``struct`` over an ``mmap`` takes ~0.15 s and lets
   every error name the metadata key or tensor where a broken file ends;
-* dequantisation of the common types: ``gguf.quants.dequantize`` works on numpy in groups of 16
-  rows (~1.7 s for that model); whole-tensor torch ops take ~0.8 s. Rarer types fall back to
-  ``gguf.quants``; the tests check both give identical numbers. Dequantisation runs with one
-  torch thread: these element-wise ops gain nothing from more, and OpenMP workers spin-waiting
+* dequantisation of the common types (``featherlm.checkpoint.dequant``): ``gguf.quants`` works on
+  numpy in groups of 16 rows (~1.7 s for that model); whole-tensor torch ops take ~0.8 s. It runs
+  with one torch thread: these element-wise ops gain nothing from more, and OpenMP workers spin-waiting
   on a busy 2-core machine turned a 1 s load into 12 s (measured).
 """
 
@@ -28,12 +27,12 @@ import gguf
 import numpy as np
 import torch
 
+from featherlm.checkpoint.dequant import dequantize
 from featherlm.errors import CheckpointError
 
 if TYPE_CHECKING:  # the tokenizer is built on demand (imports flow tokenizer -> checkpoint lazily)
     from featherlm.tokenizer import Tokenizer
 
-GGML = gguf.GGMLQuantizationType
 # GGUF metadata value type -> struct format (8 = string and 9 = array are handled apart).
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
@@ -186,83 +185,6 @@ def unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """
     half = weight.shape[0] // n_heads // 2
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...], *, name: str = "tensor"
-               ) -> torch.Tensor:
-    """Decode a tensor's bytes (uint8, 1-D) of the given GGML type into a float32 tensor of ``shape``."""
-    try:
-        qtype = GGML(ggml_type)
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    except (ValueError, KeyError):
-        raise CheckpointError(name, f"unknown GGML tensor type {ggml_type}") from None
-    n = math.prod(shape)
-    if n % block or raw.numel() != n // block * type_size:
-        raise CheckpointError(name, f"{raw.numel()} bytes of {qtype.name} do not fit shape {list(shape)}")
-    blocks = raw.reshape(-1, type_size)  # (n_blocks, bytes per block)
-    if qtype in _DEQUANT:
-        out = _DEQUANT[qtype](blocks)
-    else:
-        try:
-            values = gguf.quants.dequantize(blocks.numpy(), qtype)
-            out = torch.from_numpy(np.ascontiguousarray(values, np.float32))
-        except NotImplementedError:
-            raise CheckpointError(name, f"tensor type {qtype.name} is not supported") from None
-    return out.reshape(shape)
-
-
-def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """Half-precision scale stored at byte ``start`` of each block -> (n_blocks, 1) float32."""
-    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
-
-
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """(..., k) bytes -> (..., 2k): all low nibbles first, then all high nibbles (GGML's order)."""
-    return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
-
-
-def _q8_0(b: torch.Tensor) -> torch.Tensor:  # 32 x int8 * scale
-    return _f16(b, 0) * b[:, 2:].contiguous().view(torch.int8).float()
-
-
-def _q4_0(b: torch.Tensor) -> torch.Tensor:  # 32 x (4-bit - 8) * scale
-    return _f16(b, 0) * (_nibbles(b[:, 2:]).float() - 8)
-
-
-def _q4_1(b: torch.Tensor) -> torch.Tensor:  # 32 x 4-bit * scale + min
-    return _f16(b, 0) * _nibbles(b[:, 4:]).float() + _f16(b, 2)
-
-
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
-    """256 values in 8 sub-blocks of 32, each with a 6-bit scale and min packed into 12 bytes."""
-    n = b.shape[0]
-    s = b[:, 4:16].reshape(n, 3, 4)
-    lo, hi, mix = s[:, 0], s[:, 1], s[:, 2]  # (n, 4) each
-    scale = torch.cat([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], dim=1).float()  # (n, 8)
-    mins = torch.cat([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], dim=1).float()
-    d = (_f16(b, 0) * scale).reshape(n, 8, 1)
-    dm = (_f16(b, 2) * mins).reshape(n, 8, 1)
-    q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).float()  # 32 bytes -> 2 sub-blocks
-    return (d * q - dm).reshape(n, 256)
-
-
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
-    """256 signed 6-bit values: low 4 bits in ``ql``, high 2 bits in ``qh``, 16 int8 scales."""
-    n = b.shape[0]
-    ql = _nibbles(b[:, :128].reshape(n, 2, 64)).reshape(n, 8, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
-    qh = ((b[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 0x03).reshape(n, 8, 32)  # 2 bits x 4 per byte
-    q = ((ql | (qh << 4)).float() - 32).reshape(n, 16, 16)
-    d = (_f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()).reshape(n, 16, 1)
-    return (d * q).reshape(n, 256)
-
-
-_DEQUANT = {
-    GGML.F32: lambda b: b.contiguous().view(torch.float32),
-    GGML.F16: lambda b: b.contiguous().view(torch.float16).float(),
-    GGML.BF16: lambda b: b.contiguous().view(torch.bfloat16).float(),
-    GGML.Q8_0: _q8_0, GGML.Q4_0: _q4_0, GGML.Q4_1: _q4_1, GGML.Q4_K: _q4_k, GGML.Q6_K: _q6_k,
-}
 
 
 def _open(path: Path) -> mmap.mmap:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from featherlm.checkpoint.gguf import GGML, dequantize, read_gguf, read_gguf_tokenizer
+from featherlm.checkpoint.dequant import GGML, dequantize
+from featherlm.checkpoint.gguf import read_gguf, read_gguf_tokenizer
 from featherlm.errors import CheckpointError
 
 MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
