@@ -41,6 +41,7 @@ class LoadedModel:
     name: str
     files: list[Path] = field(default_factory=list)
     kind: str = ""
+    stored_as: str = ""  # dtype or GGUF quantisation of the files (the model itself runs in `dtype`)
 
     def __iter__(self):
         return iter((self.model, self.tokenizer))
@@ -81,7 +82,7 @@ class LoadedModel:
             "name": self.name, "kind": self.kind, "family": c.family, "n_layer": c.n_layer, "n_head": c.n_head,
             "n_kv_head": c.n_kv_head, "d_model": c.d_model, "d_ff": c.d_ff, "head_dim": c.head_dim,
             "vocab_size": c.vocab_size, "context_length": c.max_seq_len, "parameters": self.model.num_params(),
-            "dtype": str(self.model.embed_tokens.weight.dtype).replace("torch.", ""),
+            "dtype": str(self.model.embed_tokens.weight.dtype).replace("torch.", ""), "stored_as": self.stored_as,
             "tokenizer_vocab_size": getattr(self.tokenizer, "vocab_size", None),
             "files": [str(f) for f in self.files],
         }
@@ -98,7 +99,8 @@ def load(name: str | Path, *, dtype: str | torch.dtype = "float32", device: str 
         dtype = DTYPES[dtype]
     checkpoint = read_checkpoint(resolve(name))
     model = build_model(checkpoint, dtype=dtype, device=device)
-    return LoadedModel(model, checkpoint.tokenizer, str(name), checkpoint.files, checkpoint.kind)
+    return LoadedModel(model, checkpoint.tokenizer, str(name), checkpoint.files, checkpoint.kind,
+                       checkpoint.stored_as)
 
 
 __all__ = [

@@ -162,12 +162,12 @@ def test_missing_model_is_a_checkpoint_error(tmp_path):
 def test_info_keys_and_values(lm, folder, minilm):
     info = lm.info()
     assert list(info) == ["name", "kind", "family", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
-                          "head_dim", "vocab_size", "context_length", "parameters", "dtype",
+                          "head_dim", "vocab_size", "context_length", "parameters", "dtype", "stored_as",
                           "tokenizer_vocab_size", "files"]
     assert info["name"] == str(folder) and info["kind"] == "hf" and info["family"] == "llama"
     assert (info["n_layer"], info["n_head"], info["n_kv_head"], info["d_model"]) == (2, 4, 2, 32)
     assert info["vocab_size"] == info["tokenizer_vocab_size"] == len(WORDS) + 3
-    assert info["context_length"] == 64 and info["dtype"] == "float32"
+    assert info["context_length"] == 64 and info["dtype"] == "float32" and info["stored_as"] == "float32"
     assert info["parameters"] == sum(p.numel() for p in lm.model.parameters())
     assert info["files"] == [str(folder / "config.json"), str(folder / "model.safetensors")]
     bert = minilm.info()

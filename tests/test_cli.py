@@ -249,7 +249,8 @@ def load_once(monkeypatch):
 
 SMOLLM2 = {"name": "smollm2-135m-instruct", "kind": "gguf", "family": "llama", "n_layer": 30, "n_head": 9,
            "n_kv_head": 3, "d_model": 576, "d_ff": 1536, "head_dim": 64, "vocab_size": 49152,
-           "context_length": 8192, "dtype": "float32", "tokenizer_vocab_size": 49152, "files": [str(GGUF)]}
+           "context_length": 8192, "dtype": "float32", "stored_as": "Q4_1", "tokenizer_vocab_size": 49152,
+           "files": [str(GGUF)]}
 
 
 def test_info_json_smollm2(capsys, load_once):

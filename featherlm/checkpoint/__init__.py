@@ -7,7 +7,7 @@ names; ``save_model`` writes featherlm's folder and ``export_hf`` a folder ``tra
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ class Checkpoint:
     files: list[Path]
     kind: str  # "featherlm", "hf" or "gguf"
     tokenizer: Any = None  # featherlm.tokenizer.Tokenizer, or None when the files have none
-    extra: dict = field(default_factory=dict)
+    stored_as: str = ""  # how the weights are stored on disk: "float32", "bfloat16", GGUF "Q4_1"...
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -55,7 +55,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         g = read_gguf(path)
         config = config_from_hf(g.hf_config, where=str(path))
         state = hf_to_featherlm(g.state_dict, config, where=str(path))
-        return Checkpoint(config, state, [path], "gguf", tokenizer=g.tokenizer)
+        return Checkpoint(config, state, [path], "gguf", g.tokenizer, gguf_file_type(g.metadata))
     tokenizer = None
     if (path / "tokenizer.json").exists():
         from featherlm.tokenizer import Tokenizer
@@ -67,13 +67,33 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         except ConfigError as e:
             raise CheckpointError(path / FEATHERLM_CONFIG, str(e)) from None
         state, files = read_weights(path)
-        return Checkpoint(config, state, [path / FEATHERLM_CONFIG, *files], "featherlm", tokenizer)
+        return Checkpoint(config, state, [path / FEATHERLM_CONFIG, *files], "featherlm", tokenizer, main_dtype(state))
     if not (path / "config.json").exists():
         raise CheckpointError(path, "folder has no config.json (nor featherlm.json): not a model folder")
     config = config_from_hf(read_json(path / "config.json"), where=str(path / "config.json"))
     state, files = read_weights(path)
     state = hf_to_featherlm(state, config, where=str(path))
-    return Checkpoint(config, state, [path / "config.json", *files], "hf", tokenizer)
+    return Checkpoint(config, state, [path / "config.json", *files], "hf", tokenizer, main_dtype(state))
+
+
+def main_dtype(state: dict[str, torch.Tensor]) -> str:
+    """The dtype holding most of the parameters, e.g. "float32"."""
+    counts: dict[str, int] = {}
+    for t in state.values():
+        name = str(t.dtype).removeprefix("torch.")
+        counts[name] = counts.get(name, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else ""
+
+
+def gguf_file_type(metadata: dict) -> str:
+    """GGUF's ``general.file_type`` as llama.cpp names it ("Q4_1", "Q4_K_M", "F16"...)."""
+    import gguf
+
+    value = metadata.get("general.file_type")
+    try:
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"file_type {value}" if value is not None else ""
 
 
 def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu"):
