@@ -109,7 +109,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, devi
         first = str(e).splitlines()[0:3]
         raise CheckpointError(checkpoint.files[0], "weights do not match the config: " + " ".join(first)) from None
     model.init_buffers()
-    return model.to(dtype).eval()
+    return model.to(dtype).eval().pack_weights_()
 
 
 def save_model(model, tokenizer, folder: str | Path) -> Path:
@@ -117,17 +117,28 @@ def save_model(model, tokenizer, folder: str | Path) -> Path:
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         (tmp / FEATHERLM_CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "featherlm"})
+        save_file(owned_tensors(model.state_dict()), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt", "producer": "featherlm"})
         if tokenizer is not None:
             tokenizer.save(tmp)
     return folder
 
 
+def owned_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached tensors that each own their memory: safetensors refuses tensors sharing a buffer,
+    as packed q/k/v and gate/up weights do (``Transformer.pack_weights_``)."""
+    out = {}
+    for name, t in state.items():
+        t = t.detach()
+        shared = t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        out[name] = t.clone() if shared or not t.is_contiguous() else t
+    return out
+
+
 def export_hf(model, tokenizer, folder: str | Path) -> Path:
     """Write a Hugging Face folder (config.json + model.safetensors + tokenizer) that transformers loads."""
     folder = Path(folder)
-    state = featherlm_to_hf({k: v.detach() for k, v in model.state_dict().items()}, model.config)
+    state = owned_tensors(featherlm_to_hf(model.state_dict(), model.config))
     with atomic_dir(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

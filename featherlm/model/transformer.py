@@ -65,6 +65,11 @@ class Transformer(nn.Module):
             self.pooler.add_module("act", nn.Tanh())
         if config.causal and not config.tie_embeddings:
             self.lm_head = Linear(c, config.vocab_size, bias=False)
+        # Hook for prompt-style PEFT (prompt tuning): a module with ``num_tokens`` (P) called as
+        # embed_prefix(B) -> (B, P, C): input vectors placed before the tokens. They carry no position
+        # (no position embedding, RoPE angle 0), so the tokens keep positions 0..T-1; they enter with
+        # the first forward of a sequence and are then held in the KV cache like tokens (see forward).
+        self.embed_prefix: nn.Module | None = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup helpers
@@ -90,6 +95,28 @@ class Transformer(nn.Module):
         elif self.config.position == "sinusoidal":
             self.sinusoid = sinusoidal_table(self.config.max_seq_len, self.config.d_model).to(device)
 
+    @torch.no_grad()
+    def pack_weights_(self) -> Transformer:
+        """Lay each layer's q/k/v weights, and gate/up, back to back in one buffer (see
+        ``layers.packed_weight``). Parameters keep their names and shapes (they become views into the
+        shared buffer), so state dicts, PEFT and training are unchanged; inference gets fused matmuls.
+        ``model.to(dtype)`` unpacks (correct, just slower): call this again afterwards.
+        """
+        for layer in self.layers:
+            groups = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]]
+            if layer.mlp.gated:
+                groups.append([layer.mlp.gate_proj, layer.mlp.up_proj])
+            for group in groups:
+                if any(type(m) is not Linear or m.bias is not None for m in group):
+                    continue
+                buffer = torch.cat([m.weight for m in group])
+                start = 0
+                for m in group:
+                    rows = m.weight.shape[0]
+                    m.weight = nn.Parameter(buffer[start:start + rows], requires_grad=m.weight.requires_grad)
+                    start += rows
+        return self
+
     @property
     def output_weight(self) -> torch.Tensor:
         """The unembedding matrix (V, C); the embedding itself when tied."""
@@ -102,7 +129,8 @@ class Transformer(nn.Module):
         """A KV cache for ``batch_size`` rows of up to ``max_len`` positions (default: the context)."""
         p = self.embed_tokens.weight
         dtype = torch.float32 if p.device.type == "cpu" else p.dtype  # see KVCache
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, dtype, p.device)
+        extra = self.embed_prefix.num_tokens if self.embed_prefix is not None else 0  # room for the prefix
+        return KVCache(self.config, batch_size, (max_len or self.config.max_seq_len) + extra, dtype, p.device)
 
     # ------------------------------------------------------------------ forward
 
@@ -119,7 +147,10 @@ class Transformer(nn.Module):
     ) -> ModelOutput:
         cfg = self.config
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        P = self.embed_prefix.num_tokens if self.embed_prefix is not None else 0  # prompt-tuning vectors
+        cached = cache.length if cache is not None else 0
+        past = max(cached - P, 0)  # tokens before these: once filled, the cache also holds the P vectors
+        new = P if cached == 0 else 0  # the prefix enters with the first chunk of a sequence only
         if past + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds the context of {cfg.max_seq_len}")
         if position_ids is None:
@@ -134,10 +165,16 @@ class Transformer(nn.Module):
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.embed_token_types(token_type_ids)
+        rope_positions = position_ids
+        if new:
+            x = torch.cat([self.embed_prefix(B).to(x.dtype), x], dim=1)  # (B, P+T, C)
+            rope_positions = torch.cat([position_ids.new_zeros(B, P), position_ids], dim=1)
+        if P and attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, P+S)
         if cfg.embed_norm:
             x = self.embed_norm(x)
-        rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype) if cfg.position == "rope" else None
-        mask = self.build_mask(attention_mask, B, T, past)
+        rope = rope_cos_sin(self.inv_freq, rope_positions, x.dtype) if cfg.position == "rope" else None
+        mask = self.build_mask(attention_mask, B, new + T, cached)
 
         attentions: list[torch.Tensor] | None = [] if output_attentions else None
         for layer in self.layers:
@@ -145,7 +182,8 @@ class Transformer(nn.Module):
             if attentions is not None:
                 attentions.append(w)
         if cache is not None:
-            cache.length += T
+            cache.length += new + T
+        x = x[:, new:]  # drop the prefix positions: outputs line up with input_ids
         if cfg.final_norm:
             x = self.norm(x)
 
