@@ -1,0 +1,85 @@
+"""Evaluation: classification metrics, and scoring a fine-tuned run on a data file.
+
+    from featherlm.evaluate import evaluate
+    evaluate("runs/sst2-lora")                              # the run's eval data, best checkpoint
+    evaluate("runs/sst2-lora", "other.tsv", checkpoint="last")
+
+``metrics`` is pure maths and is imported by the trainer too, so this package imports the layers
+it drives (train, data) only inside functions: importing ``featherlm.evaluate.metrics`` from
+the trainer must not pull the trainer back in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from featherlm.evaluate.metrics import (
+    accuracy,
+    classification_metrics,
+    confusion_matrix,
+    macro_scores,
+    per_class,
+    perplexity,
+)
+
+
+def evaluate_classifier(model, tokenizer, data, *, batch_size: int = 32, max_seq_len: int = 128,
+                        text_column: str | None = None, label_column: str | None = None, format: str = "auto",
+                        skip_bad_rows: bool = False) -> dict[str, Any]:
+    """Score a ``SequenceClassifier`` on a classification file (or ``ClassificationData``).
+
+    Labels are read against the model's own label names, so a label the model does not know is a
+    bad row. Returns ``{"accuracy", "precision", "recall", "f1", "confusion", "n", "loss",
+    "labels", "skipped"}`` (precision/recall/f1 macro; confusion rows = true labels).
+    """
+    from featherlm.data import ClassificationData, encode_classification, read_classification
+    from featherlm.train.objectives import run_eval
+
+    if not isinstance(data, ClassificationData):
+        data = read_classification(data, text_column=text_column, label_column=label_column, labels=model.labels,
+                                   format=format, skip_bad_rows=skip_bad_rows)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    examples = encode_classification(data, tokenizer, max_seq_len)
+    result = run_eval(model, examples, "classification", batch_size=batch_size, pad_id=pad_id,
+                      num_labels=len(model.labels))
+    result.pop("predictions")
+    return {**result, "labels": list(model.labels), "skipped": len(data.skipped)}
+
+
+def evaluate(run: str | Path, data: str | Path | None = None, *, checkpoint: str = "best",
+             batch_size: int | None = None, skip_bad_rows: bool = False) -> dict[str, Any]:
+    """Score a fine-tuning run's checkpoint on ``data`` (default: the run's own eval data).
+
+    Classification runs give the ``evaluate_classifier`` metrics; sft and lm runs give ``loss``,
+    ``perplexity`` and ``tokens``. The run's config decides columns, format and lengths.
+    """
+    from featherlm.data import read_lm, read_sft
+    from featherlm.errors import ConfigError
+    from featherlm.train import load_run
+    from featherlm.train.objectives import run_eval
+
+    model, tokenizer, cfg = load_run(run, checkpoint)
+    path = data or cfg.data.eval
+    if not path:
+        raise ConfigError(f"{run}: the run has no eval data; name a data file to evaluate on")
+    bs = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.batch_size
+    d, t = cfg.data, cfg.train
+    if cfg.model.task == "classification":
+        result = evaluate_classifier(model, tokenizer, path, batch_size=bs, max_seq_len=t.max_seq_len,
+                                     text_column=d.text_column, label_column=d.label_column, format=d.format,
+                                     skip_bad_rows=skip_bad_rows)
+    else:
+        if cfg.model.task == "sft":
+            read = read_sft(path, tokenizer, max_seq_len=t.max_seq_len, skip_bad_rows=skip_bad_rows)
+        else:
+            read = read_lm(path, tokenizer, block_size=t.max_seq_len, text_column=d.text_column, format=d.format,
+                           skip_bad_rows=skip_bad_rows)
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        result = {**run_eval(model, read.examples, cfg.model.task, batch_size=bs, pad_id=pad_id),
+                  "skipped": len(read.skipped)}
+    return {"run": str(run), "checkpoint": checkpoint, "data": str(path), "task": cfg.model.task, **result}
+
+
+__all__ = ["accuracy", "classification_metrics", "confusion_matrix", "evaluate", "evaluate_classifier",
+           "macro_scores", "per_class", "perplexity"]
