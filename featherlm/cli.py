@@ -10,12 +10,14 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import featherlm
 from featherlm.errors import FeatherError
 from featherlm.generate import GenerationConfig, generate, stream
 
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {}
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def verb(name: str):
@@ -26,12 +28,31 @@ def verb(name: str):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="embedded name, HF/featherlm folder, .gguf file or hub id (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help="embedded name, HF/featherlm folder, .gguf file or hub id (default: smollm2-135m-instruct)")
+    p.add_argument("--adapter", default=None, help="a fine-tuning run directory (sft or lm) to generate with")
     # bf16 weights halve the bytes read per generated token (decoding is memory-bound): about 1.8x the
     # float32 decode speed on a 2-core CPU. float32 is the reference numerics (parity tests).
     p.add_argument("--dtype", default="bfloat16", choices=sorted(featherlm.DTYPES),
                    help="weight dtype (default: %(default)s; float32 for reference numerics)")
+
+
+def load_lm(args: argparse.Namespace) -> featherlm.LoadedModel:
+    """The model to generate with: ``--model``, or with ``--adapter`` a fine-tuning run's model with its
+    adapter merged in where the method allows (a plain model decodes fastest)."""
+    if not args.adapter:
+        return featherlm.load(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    from featherlm.peft import merge
+    from featherlm.train import load_run
+
+    model, tokenizer, config = load_run(args.adapter)
+    if config.model.task == "classification":
+        raise featherlm.ConfigError(f"{args.adapter}: a classification run cannot generate text")
+    if args.model not in (None, config.model.name):
+        raise featherlm.ConfigError(f"--model {args.model!r} does not match the run in {args.adapter} "
+                                    f"({config.model.name!r})")
+    model = merge(model).to(featherlm.DTYPES[args.dtype]).pack_weights_()
+    return featherlm.LoadedModel(model, tokenizer, f"{config.model.name} + {args.adapter}", kind="run")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -63,7 +84,7 @@ def emit_json(obj: dict) -> None:
 @verb("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = generation_config(args)
-    lm = featherlm.load(args.model, dtype=args.dtype)
+    lm = load_lm(args)
     lm.require_decoder()
     prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     if cfg.num_beams > 1:
@@ -92,13 +113,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     cfg = generation_config(args)
     if cfg.num_beams > 1:
         raise featherlm.GenerationError("chat streams its answers: use --beams 1")
-    lm = featherlm.load(args.model, dtype=args.dtype)
+    lm = load_lm(args)
     lm.require_decoder()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"featherlm chat with {args.model}. /reset clears the history, /exit quits.")
+        print(f"featherlm chat with {lm.name}. /reset clears the history, /exit quits.")
     last = None
     while True:
         try:
@@ -160,6 +181,87 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# `featherlm finetune` shortcuts: flag -> dotted config key (any other `--section.key value` works too)
+FINETUNE_SHORTCUTS = {"model": "model.name", "task": "model.task", "data": "data.train", "eval_data": "data.eval",
+                      "method": "peft.method", "out": "out.dir"}
+
+
+@verb("finetune")
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from featherlm.train import finetune
+
+    overrides = list(args.overrides)
+    for flag, key in FINETUNE_SHORTCUTS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides += [f"--{key}", value]
+    result = finetune(args.config or {}, overrides=overrides, resume=args.resume, progress=not args.json)
+    if args.json:
+        emit_json(result)
+    else:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in (result.get("eval") or {}).items() if isinstance(v, float))
+        print(f"run {result['run_dir']}: {result['step']}/{result['total_steps']} steps in {result['time_s']:.0f}s"
+              f"{'; eval ' + scores if scores else ''}")
+    return 0
+
+
+@verb("evaluate")
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from featherlm.evaluate import evaluate
+    from featherlm.train import load_config
+
+    run = Path(args.adapter)
+    config = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    if config is None:
+        raise featherlm.CheckpointError(run, "not a fine-tuning run folder (no config.yaml); "
+                                             "--adapter takes the --out folder of `featherlm finetune`")
+    for flag, value, expected in (("--model", args.model, config.model.name), ("--task", args.task, config.model.task)):
+        if value is not None and value != expected:
+            raise featherlm.ConfigError(f"{flag} {value!r} does not match the run in {run} ({expected!r})")
+    result = evaluate(run, args.data, checkpoint=args.checkpoint, skip_bad_rows=args.skip_bad_rows)
+    if args.json:
+        emit_json(result)
+        return 0
+    for key, value in result.items():
+        if key == "confusion":
+            labels = result.get("labels") or [str(i) for i in range(len(value))]
+            width = max(len(str(x)) for x in [*labels, *(c for row in value for c in row)]) + 1
+            print("confusion (rows: true, columns: predicted)")
+            print(" " * width + "".join(f"{lab:>{width}}" for lab in labels))
+            for lab, row in zip(labels, value, strict=True):
+                print(f"{lab:>{width}}" + "".join(f"{c:>{width}}" for c in row))
+        elif isinstance(value, float):
+            print(f"{key:<10} {value:.4f}")
+        else:
+            print(f"{key:<10} {value}")
+    return 0
+
+
+@verb("merge")
+def cmd_merge(args: argparse.Namespace) -> int:
+    from featherlm.checkpoint import export_hf, save_model
+    from featherlm.peft import merge
+    from featherlm.train import load_run
+
+    model, tokenizer, config = load_run(args.adapter, args.checkpoint)
+    if args.model is not None and args.model != config.model.name:
+        raise featherlm.ConfigError(f"--model {args.model!r} does not match the run in {args.adapter} "
+                                    f"({config.model.name!r})")
+    if config.model.task == "classification":
+        raise featherlm.ConfigError(f"{args.adapter}: merging is for language-model runs (sft, lm); this run "
+                                    "trained a classifier, use it with `featherlm evaluate`")
+    model = merge(model)
+    out = (export_hf if args.hf else save_model)(model, tokenizer, args.out)
+    result = {"out": str(out), "format": "hf" if args.hf else "featherlm", "base": config.model.name,
+              "method": config.peft.method, "parameters": sum(p.numel() for p in model.parameters())}
+    if args.json:
+        emit_json(result)
+    else:
+        print(f"merged {config.peft.method} adapter of {args.adapter} into {config.model.name}: wrote {out} "
+              f"({result['format']} folder)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featherlm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"featherlm {featherlm.__version__}")
@@ -179,6 +281,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(repetition_penalty=1.1)  # small chat models loop without it
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("finetune", help="fine-tune a model (PEFT or full); any config field as --section.key VALUE",
+                       epilog="example: featherlm finetune --config examples/sst2-lora.yaml --train.lr 5e-4")
+    p.add_argument("--config", help="YAML recipe (see examples/)")
+    p.add_argument("--model", help="model.name")
+    p.add_argument("--task", help="model.task: classification, sft or lm")
+    p.add_argument("--data", help="data.train")
+    p.add_argument("--eval-data", dest="eval_data", help="data.eval")
+    p.add_argument("--method", help="peft.method: lora, dora, ia3, adapter, prefix, prompt, bitfit, freeze, full")
+    p.add_argument("--out", help="out.dir (the run directory)")
+    p.add_argument("--resume", action="store_true", help="continue the run in out.dir from its last checkpoint")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("evaluate", help="score a fine-tuning run on a data file")
+    p.add_argument("--adapter", required=True, help="the run directory written by `featherlm finetune`")
+    p.add_argument("--model", help="base model (checked against the run)")
+    p.add_argument("--task", help="task (checked against the run)")
+    p.add_argument("--data", help="data file (default: the run's eval data)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--skip-bad-rows", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("merge", help="fold a run's adapter into its base model and save the result")
+    p.add_argument("--adapter", required=True, help="the run directory written by `featherlm finetune`")
+    p.add_argument("--model", help="base model (checked against the run)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--hf", action="store_true", help="write a Hugging Face folder (transformers loads it)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("info", help="describe a model")
     p.add_argument("model_name", metavar="MODEL")
     p.add_argument("--json", action="store_true")
@@ -186,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.verb != "finetune":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra  # finetune: dotted config overrides such as --train.lr 5e-4
     try:
         return VERBS[args.verb](args)
     except FeatherError as e:
