@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from featherlm.evaluate.metrics import (
     accuracy,
     classification_metrics,
@@ -81,5 +83,28 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, checkpoint: str
     return {"run": str(run), "checkpoint": checkpoint, "data": str(path), "task": cfg.model.task, **result}
 
 
-__all__ = ["accuracy", "classification_metrics", "confusion_matrix", "evaluate", "evaluate_classifier",
+@torch.inference_mode()
+def classify(model, tokenizer, texts: list[str], *, max_seq_len: int = 128) -> list[dict[str, Any]]:
+    """Label each text with a ``SequenceClassifier``: ``[{"label", "score", "scores"}, ...]`` where
+    ``score`` is the probability of the predicted label and ``scores`` maps every label to its own."""
+    from featherlm.data import collate
+    from featherlm.data.tasks import special_affixes, truncate
+
+    if not texts:
+        return []
+    affixes = special_affixes(tokenizer)
+    examples = [{"input_ids": truncate(ids, max_seq_len, affixes)} for ids in tokenizer.encode_batch(texts)]
+    batch = collate(examples, tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+    was_training = model.training
+    probs = model.eval()(batch["input_ids"], attention_mask=batch["attention_mask"]).float().softmax(-1)  # (B, L)
+    model.train(was_training)
+    out = []
+    for row in probs.tolist():
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append({"label": model.labels[best], "score": row[best],
+                    "scores": dict(zip(model.labels, row, strict=True))})
+    return out
+
+
+__all__ = ["accuracy", "classification_metrics", "classify", "confusion_matrix", "evaluate", "evaluate_classifier",
            "macro_scores", "per_class", "perplexity"]

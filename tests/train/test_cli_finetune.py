@@ -9,6 +9,7 @@ import torch
 
 import featherlm
 from featherlm.cli import main
+from featherlm.evaluate import classify
 from featherlm.train import load_run
 
 
@@ -42,6 +43,14 @@ def test_finetune_flags_and_dotted_overrides_then_evaluate(tmp_path, capsys, tin
     assert {"accuracy", "precision", "recall", "f1", "confusion", "n"} <= set(scores)
     assert scores["n"] == 32 and sum(map(sum, scores["confusion"])) == 32
     assert scores["accuracy"] == pytest.approx(result["eval"]["accuracy"])  # the best checkpoint, reloaded
+
+    model, tokenizer, _ = load_run(out)  # classify() agrees with the evaluation, text by text
+    rows = [line.split("\t") for line in dev.read_text().splitlines()[1:]]
+    predictions = classify(model, tokenizer, [text for text, _ in rows])
+    assert all(abs(sum(p["scores"].values()) - 1) < 1e-5 and p["score"] == max(p["scores"].values())
+               for p in predictions)
+    hits = sum(p["label"] == label for p, (_, label) in zip(predictions, rows, strict=True))
+    assert hits / len(rows) == pytest.approx(scores["accuracy"])
 
     rc, stdout, _ = run_cli(capsys, "evaluate", "--adapter", out)  # plain text, the run's own eval data
     assert rc == 0 and "accuracy" in stdout and "confusion (rows: true, columns: predicted)" in stdout
