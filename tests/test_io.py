@@ -89,3 +89,20 @@ def test_atomic_dir_replaces_the_whole_folder_on_success(tmp_path):
     with atomic_dir(tmp_path / "fresh" / "nested") as tmp:  # creates missing parents
         (tmp / "x").write_text("x")
     assert (tmp_path / "fresh" / "nested" / "x").read_text() == "x"
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """mkstemp/mkdtemp make private 0600 files and 0700 folders; the results follow the umask instead."""
+    import os
+
+    from featherlm.io import atomic_dir, atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
