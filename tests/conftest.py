@@ -153,3 +153,39 @@ def smollm2_reference():
         with torch.device("meta"):
             model = LlamaForCausalLM(LlamaConfig(**config))
         return load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)
+
+
+# ----- a tiny chat model folder with a word-level tokenizer --------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_folder(tmp_path_factory):
+    """Factory: ``tiny_chat_folder(words, context=64, seed=0)`` -> an HF Llama folder (config.json,
+    model.safetensors, tokenizer.json) with random weights and a word-level tokenizer over ``words``
+    plus ``<unk>``; ``<|im_start|>``/``<|im_end|>`` are special tokens and ``<|im_end|>`` (the eos)
+    ends generation. Built without transformers, whose import alone takes seconds."""
+    from tokenizers import AddedToken, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from featherlm.checkpoint import export_hf
+    from featherlm.tokenizer import Tokenizer
+
+    def make(words: list[str], context: int = 64, seed: int = 0) -> Path:
+        vocab = {w: i for i, w in enumerate(["<unk>", *words])}
+        backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        specials = ("<|im_start|>", "<|im_end|>")
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        tokenizer = Tokenizer(backend, eos_token="<|im_end|>", unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+        torch.manual_seed(seed)
+        model = Transformer(preset("llama", vocab_size=tokenizer.vocab_size, max_seq_len=context, n_kv_head=2))
+        with torch.no_grad():  # larger than the usual init, so that greedy outputs vary from token to token
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.5)
+        return export_hf(model, tokenizer, tmp_path_factory.mktemp("tiny_chat") / "tiny")
+
+    return make

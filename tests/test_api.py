@@ -8,12 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import AddedToken, models, pre_tokenizers
-from tokenizers import Tokenizer as Backend
 
 import featherlm
-from featherlm.checkpoint import export_hf
-from featherlm.config import preset
 from featherlm.errors import CheckpointError, ConfigError, GenerationError
 from featherlm.model import Transformer
 from featherlm.tokenizer import Tokenizer
@@ -21,30 +17,9 @@ from featherlm.tokenizer import Tokenizer
 WORDS = ("the a cat dog sat on mat and ran to park in sun Hi What is 2+2? four hello world quick brown fox jumps "
          "over lazy red blue green one two three big small tree house car road river sky bird fish system user "
          "assistant").split()
-# <|im_start|>/<|im_end|> are special tokens: <|im_end|> (the eos) ends generation
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
-
-
-def tiny_folder(folder: Path, context: int = 64, seed: int = 0) -> Path:
-    """An HF Llama folder (config.json, model.safetensors, tokenizer.json) with random weights."""
-    vocab = {w: i for i, w in enumerate(["<unk>", *WORDS])}
-    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
-    tokenizer = Tokenizer(backend, eos_token="<|im_end|>", unk_token="<unk>", chat_template=CHAT_TEMPLATE)
-    torch.manual_seed(seed)
-    model = Transformer(preset("llama", vocab_size=tokenizer.vocab_size, max_seq_len=context, n_kv_head=2))
-    with torch.no_grad():  # larger than the usual init, so that greedy outputs vary from token to token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.5)
-    return export_hf(model, tokenizer, folder)
-
-
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return tiny_folder(tmp_path_factory.mktemp("api") / "tiny")
+def folder(tiny_chat_folder) -> Path:
+    return tiny_chat_folder(WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -16,46 +16,21 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import AddedToken, models, pre_tokenizers
-from tokenizers import Tokenizer as Backend
 
 import featherlm
 from featherlm import cli, hub
-from featherlm.checkpoint import export_hf
-from featherlm.config import preset
-from featherlm.model import Transformer
-from featherlm.tokenizer import Tokenizer
 
 CONTEXT = 32
 WORDS = "the a cat dog sat on mat and ran to park in sun Hi What is 2+2? four hello world big small".split()
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
 GGUF = hub.resolve("smollm2-135m-instruct")
 JSON_KEYS = {"text", "finish_reason", "prompt_tokens", "new_tokens", "prefill_tokens_per_s", "decode_tokens_per_s"}
 # one torch thread per process (they run side by side on few cores); never reach for the network
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def tiny_folder(folder: Path, context: int = CONTEXT) -> Path:
-    """An HF Llama folder (config.json, model.safetensors, tokenizer.json + chat template), random weights."""
-    vocab = {w: i for i, w in enumerate(["<unk>", *WORDS])}
-    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
-    tokenizer = Tokenizer(backend, eos_token="<|im_end|>", unk_token="<unk>", chat_template=CHAT_TEMPLATE)
-    torch.manual_seed(0)
-    model = Transformer(preset("llama", vocab_size=tokenizer.vocab_size, max_seq_len=context, n_kv_head=2))
-    with torch.no_grad():  # larger than the usual init, so that greedy outputs vary from token to token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.5)
-    return export_hf(model, tokenizer, folder)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return tiny_folder(tmp_path_factory.mktemp("cli") / "tiny")
+def tiny(tiny_chat_folder) -> Path:
+    return tiny_chat_folder(WORDS, context=CONTEXT)
 
 
 # ----------------------------------------------------------------------------- subprocesses
