@@ -51,7 +51,7 @@ def load_lm(args: argparse.Namespace) -> featherlm.LoadedModel:
     if args.model not in (None, config.model.name):
         raise featherlm.ConfigError(f"--model {args.model!r} does not match the run in {args.adapter} "
                                     f"({config.model.name!r})")
-    model = merge(model).to(featherlm.DTYPES[args.dtype]).pack_weights_()
+    model = merge(model).to(featherlm.DTYPES[args.dtype])
     return featherlm.LoadedModel(model, tokenizer, f"{config.model.name} + {args.adapter}", kind="run")
 
 

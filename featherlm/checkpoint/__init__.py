@@ -109,7 +109,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, devi
         first = str(e).splitlines()[0:3]
         raise CheckpointError(checkpoint.files[0], "weights do not match the config: " + " ".join(first)) from None
     model.init_buffers()
-    return model.to(dtype).eval().pack_weights_()
+    return model.to(dtype).eval()
 
 
 def save_model(model, tokenizer, folder: str | Path) -> Path:
@@ -125,8 +125,8 @@ def save_model(model, tokenizer, folder: str | Path) -> Path:
 
 
 def owned_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached tensors that each own their memory: safetensors refuses tensors sharing a buffer,
-    as packed q/k/v and gate/up weights do (``Transformer.pack_weights_``)."""
+    """Detached tensors that each own their memory: safetensors refuses tensors that share a buffer
+    (a weight that is a slice of a bigger tensor, as after some user edits or conversions)."""
     out = {}
     for name, t in state.items():
         t = t.detach()

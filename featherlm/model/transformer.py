@@ -95,28 +95,6 @@ class Transformer(nn.Module):
         elif self.config.position == "sinusoidal":
             self.sinusoid = sinusoidal_table(self.config.max_seq_len, self.config.d_model).to(device)
 
-    @torch.no_grad()
-    def pack_weights_(self) -> Transformer:
-        """Lay each layer's q/k/v weights, and gate/up, back to back in one buffer (see
-        ``layers.packed_weight``). Parameters keep their names and shapes (they become views into the
-        shared buffer), so state dicts, PEFT and training are unchanged; inference gets fused matmuls.
-        ``model.to(dtype)`` unpacks (correct, just slower): call this again afterwards.
-        """
-        for layer in self.layers:
-            groups = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]]
-            if layer.mlp.gated:
-                groups.append([layer.mlp.gate_proj, layer.mlp.up_proj])
-            for group in groups:
-                if any(type(m) is not Linear or m.bias is not None for m in group):
-                    continue
-                buffer = torch.cat([m.weight for m in group])
-                start = 0
-                for m in group:
-                    rows = m.weight.shape[0]
-                    m.weight = nn.Parameter(buffer[start:start + rows], requires_grad=m.weight.requires_grad)
-                    start += rows
-        return self
-
     @property
     def output_weight(self) -> torch.Tensor:
         """The unembedding matrix (V, C); the embedding itself when tied."""

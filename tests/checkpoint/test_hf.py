@@ -246,3 +246,20 @@ def test_only_pytorch_bin(hf_gpt2, tmp_path):
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
     assert_checkpoint_error(folder, ".bin")
+
+
+def test_weights_that_share_a_buffer_save_and_export(tiny_model, tmp_path):
+    """safetensors refuses tensors sharing memory: slices of one buffer are written as copies."""
+    model = tiny_model("llama")
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        buffer = torch.cat([attn.q_proj.weight, attn.k_proj.weight])
+        rows = attn.q_proj.weight.shape[0]
+        attn.q_proj.weight = torch.nn.Parameter(buffer[:rows])
+        attn.k_proj.weight = torch.nn.Parameter(buffer[rows:])
+    save_model(model, None, tmp_path / "own")
+    export_hf(model, None, tmp_path / "hf")
+    loaded = build_model(read_checkpoint(tmp_path / "own"))
+    assert torch.equal(loaded.layers[0].self_attn.k_proj.weight, attn.k_proj.weight)
+    assert torch.equal(load_file(tmp_path / "hf" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"],
+                       attn.q_proj.weight)
