@@ -50,7 +50,7 @@ class LoadedModel:
     def config(self) -> ModelConfig:
         return self.model.config
 
-    def _prompt(self, prompt: str | list[dict], chat: bool | None) -> str:
+    def _prompt(self, prompt: str | list[dict]) -> str:
         if isinstance(prompt, list):  # chat messages
             return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
         return prompt
@@ -58,7 +58,7 @@ class LoadedModel:
     def generate(self, prompt: str | list[dict], **options) -> GenerationResult:
         """Continue a prompt (or answer chat messages). Options: the GenerationConfig fields."""
         self.require_decoder()
-        return _generate(self.model, self.tokenizer, self._prompt(prompt, None), GenerationConfig(**options))
+        return _generate(self.model, self.tokenizer, self._prompt(prompt), GenerationConfig(**options))
 
     def generate_batch(self, prompts: list[str], **options) -> list[str]:
         self.require_decoder()
@@ -67,7 +67,7 @@ class LoadedModel:
     def stream(self, prompt: str | list[dict], **options) -> Iterator[str]:
         """Yield the continuation piece by piece as it is generated."""
         self.require_decoder()
-        return _stream(self.model, self.tokenizer, self._prompt(prompt, None), GenerationConfig(**options))
+        return _stream(self.model, self.tokenizer, self._prompt(prompt), GenerationConfig(**options))
 
     def require_decoder(self) -> None:
         if not self.model.config.causal:

@@ -191,7 +191,7 @@ class Transformer(nn.Module):
         S = past + T
         if attention_mask is None:
             if self.config.causal and past > 0 and T > 1:  # chunked prefill onto a cache
-                causal = torch.ones(T, S, dtype=torch.bool, device=self.inv_device).tril(past)
+                causal = torch.ones(T, S, dtype=torch.bool, device=self.embed_tokens.weight.device).tril(past)
                 return causal[None, None]
             return None
         keys = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
@@ -203,7 +203,3 @@ class Transformer(nn.Module):
         own = torch.zeros(T, S, dtype=torch.bool, device=attention_mask.device)
         own[torch.arange(T), past + torch.arange(T)] = True
         return (keys & causal) | own
-
-    @property
-    def inv_device(self) -> torch.device:
-        return self.embed_tokens.weight.device
