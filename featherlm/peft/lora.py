@@ -42,19 +42,19 @@ class LoRALinear(AdaptedLinear):
             return linear(x, self.weight, self.bias)
         x_drop = self.dropout(x)
         lora = linear(linear(x_drop, self.adapter_A), self.adapter_B) * self.scaling  # s * x A^T B^T
-        base = linear(x, self.weight)  # x W^T, bias added last
-        if self.adapter_magnitude is None:  # LoRA
-            y = base + lora
-        else:  # DoRA: (m / ||W + sBA||) * (x W^T + s x A^T B^T)
-            # The norm is treated as a constant in backward (DoRA paper sec. 4.3, as HF PEFT does): it
-            # saves memory and barely changes the gradient.
-            with torch.no_grad():
-                norm = (self.weight + self.delta()).norm(dim=1)  # (out,)
-            scale = self.adapter_magnitude / norm  # (out,)
-            # HF PEFT's form, equal to scale * (base + lora) without dropout; with dropout only the
-            # adapter's part (including the magnitude's change of the base) sees the dropped-out input.
-            base_drop = linear(x_drop, self.weight) if self.training and x_drop is not x else base
-            y = base + (scale - 1) * base_drop + scale * lora
+        if self.adapter_magnitude is None:  # LoRA: x W^T + b + s x A^T B^T (bias fused into the matmul)
+            return linear(x, self.weight, self.bias) + lora
+        # DoRA: (m / ||W + sBA||) * (x W^T + s x A^T B^T), bias added last.
+        # The norm is treated as a constant in backward (DoRA paper sec. 4.3, as HF PEFT does): it
+        # saves memory and barely changes the gradient.
+        base = linear(x, self.weight)
+        with torch.no_grad():
+            norm = (self.weight + self.delta()).norm(dim=1)  # (out,)
+        scale = self.adapter_magnitude / norm  # (out,)
+        # HF PEFT's form, equal to scale * (base + lora) without dropout; with dropout only the
+        # adapter's part (including the magnitude's change of the base) sees the dropped-out input.
+        base_drop = linear(x_drop, self.weight) if self.training and x_drop is not x else base
+        y = base + (scale - 1) * base_drop + scale * lora
         return y if self.bias is None else y + self.bias
 
     def merged_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
