@@ -67,11 +67,24 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def unescape(text: str) -> str:
+    r"""``--stop "\n\n"`` arrives as backslash + n: read \n, \t and \\ as the characters they name."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, num_beams=args.beams, stop=args.stop,
-        seed=args.seed,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, num_beams=args.beams,
+        stop=[unescape(s) for s in args.stop], seed=args.seed,
     )
     cfg.check()
     return cfg

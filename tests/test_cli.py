@@ -310,3 +310,9 @@ def test_chat_from_piped_stdin_resets_and_exits(runs):
     assert result["last"]["prompt_tokens"] == len("<|im_start|> user What is 2+2? <|im_end|> <|im_start|> "
                                                   "assistant".split())
     assert 1 <= result["last"]["new_tokens"] <= 4
+
+
+def test_stop_strings_from_the_shell_read_escapes():
+    argv = ["generate", "--prompt", "x", "--stop", r"\n\n", "--stop", r"a\tb\\n", "--stop", "你好"]
+    args = cli.build_parser().parse_args(argv)
+    assert cli.generation_config(args).stop == ["\n\n", "a\tb\\n", "你好"]
