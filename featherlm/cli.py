@@ -48,11 +48,16 @@ def load_lm(args: argparse.Namespace) -> featherlm.LoadedModel:
     model, tokenizer, config = load_run(args.adapter)
     if config.model.task == "classification":
         raise featherlm.ConfigError(f"{args.adapter}: a classification run cannot generate text")
-    if args.model not in (None, config.model.name):
-        raise featherlm.ConfigError(f"--model {args.model!r} does not match the run in {args.adapter} "
-                                    f"({config.model.name!r})")
+    check_run(args.adapter, config, model=args.model)
     model = merge(model).to(featherlm.DTYPES[args.dtype])
     return featherlm.LoadedModel(model, tokenizer, f"{config.model.name} + {args.adapter}", kind="run")
+
+
+def check_run(run, config, *, model: str | None = None, task: str | None = None) -> None:
+    """``--model`` / ``--task`` given next to ``--adapter`` must name what the run was trained on."""
+    for flag, value, expected in (("--model", model, config.model.name), ("--task", task, config.model.task)):
+        if value is not None and value != expected:
+            raise featherlm.ConfigError(f"{flag} {value!r} does not match the run in {run} ({expected!r})")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -228,9 +233,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if config is None:
         raise featherlm.CheckpointError(run, "not a fine-tuning run folder (no config.yaml); "
                                              "--adapter takes the --out folder of `featherlm finetune`")
-    for flag, value, expected in (("--model", args.model, config.model.name), ("--task", args.task, config.model.task)):
-        if value is not None and value != expected:
-            raise featherlm.ConfigError(f"{flag} {value!r} does not match the run in {run} ({expected!r})")
+    check_run(run, config, model=args.model, task=args.task)
     result = evaluate(run, args.data, checkpoint=args.checkpoint, skip_bad_rows=args.skip_bad_rows)
     if args.json:
         emit_json(result)
@@ -257,9 +260,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from featherlm.train import load_run
 
     model, tokenizer, config = load_run(args.adapter, args.checkpoint)
-    if args.model is not None and args.model != config.model.name:
-        raise featherlm.ConfigError(f"--model {args.model!r} does not match the run in {args.adapter} "
-                                    f"({config.model.name!r})")
+    check_run(args.adapter, config, model=args.model)
     if config.model.task == "classification":
         raise featherlm.ConfigError(f"{args.adapter}: merging is for language-model runs (sft, lm); this run "
                                     "trained a classifier, use it with `featherlm evaluate`")

@@ -52,6 +52,12 @@ def test_finetune_flags_and_dotted_overrides_then_evaluate(tmp_path, capsys, tin
     hits = sum(p["label"] == label for p, (_, label) in zip(predictions, rows, strict=True))
     assert hits / len(rows) == pytest.approx(scores["accuracy"])
 
+    for verb, flag in (("evaluate", "--model"), ("evaluate", "--task"), ("merge", "--model")):
+        extra = ["--out", tmp_path / "m"] if verb == "merge" else []
+        rc, stdout, err = run_cli(capsys, verb, "--adapter", out, flag, "other", *extra)
+        assert (rc, stdout) == (2, "") and f"{flag} 'other' does not match the run in {out}" in err
+    assert not (tmp_path / "m").exists()
+
     rc, stdout, _ = run_cli(capsys, "evaluate", "--adapter", out)  # plain text, the run's own eval data
     assert rc == 0 and "accuracy" in stdout and "confusion (rows: true, columns: predicted)" in stdout
 
