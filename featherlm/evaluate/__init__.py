@@ -36,15 +36,17 @@ def evaluate_classifier(model, tokenizer, data, *, batch_size: int = 32, max_seq
     "labels", "skipped"}`` (precision/recall/f1 macro; confusion rows = true labels).
     """
     from featherlm.data import ClassificationData, encode_classification, read_classification
-    from featherlm.train.objectives import run_eval
+    from featherlm.train.config import FinetuneConfig, ModelSection
+    from featherlm.train.tasks import TaskData, get_task
 
     if not isinstance(data, ClassificationData):
         data = read_classification(data, text_column=text_column, label_column=label_column, labels=model.labels,
                                    format=format, skip_bad_rows=skip_bad_rows)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     examples = encode_classification(data, tokenizer, max_seq_len)
-    result = run_eval(model, examples, "classification", batch_size=batch_size, pad_id=pad_id,
-                      num_labels=len(model.labels))
+    cfg = FinetuneConfig(model=ModelSection(labels=list(model.labels)))  # all the task's evaluation reads
+    result = get_task("classification").evaluate(model, TaskData(data.path, examples), cfg=cfg, tokenizer=tokenizer,
+                                                 batch_size=batch_size, pad_id=pad_id)
     result.pop("predictions")
     return {**result, "labels": list(model.labels), "skipped": len(data.skipped)}
 
@@ -56,31 +58,23 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, checkpoint: str
     Classification runs give the ``evaluate_classifier`` metrics; sft and lm runs give ``loss``,
     ``perplexity`` and ``tokens``. The run's config decides columns, format and lengths.
     """
-    from featherlm.data import read_lm, read_sft
     from featherlm.errors import ConfigError
     from featherlm.train import load_run
-    from featherlm.train.objectives import run_eval
 
     model, tokenizer, cfg = load_run(run, checkpoint)
     path = data or cfg.data.eval
     if not path:
         raise ConfigError(f"{run}: the run has no eval data; name a data file to evaluate on")
     bs = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.batch_size
-    d, t = cfg.data, cfg.train
-    if cfg.model.task == "classification":
-        result = evaluate_classifier(model, tokenizer, path, batch_size=bs, max_seq_len=t.max_seq_len,
-                                     text_column=d.text_column, label_column=d.label_column, format=d.format,
-                                     skip_bad_rows=skip_bad_rows)
-    else:
-        if cfg.model.task == "sft":
-            read = read_sft(path, tokenizer, max_seq_len=t.max_seq_len, skip_bad_rows=skip_bad_rows)
-        else:
-            read = read_lm(path, tokenizer, block_size=t.max_seq_len, text_column=d.text_column, format=d.format,
-                           skip_bad_rows=skip_bad_rows)
-        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        result = {**run_eval(model, read.examples, cfg.model.task, batch_size=bs, pad_id=pad_id),
-                  "skipped": len(read.skipped)}
-    return {"run": str(run), "checkpoint": checkpoint, "data": str(path), "task": cfg.model.task, **result}
+    task = cfg.task
+    read = task.read(cfg, str(path), tokenizer, skip_bad_rows=skip_bad_rows)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    result = task.evaluate(model, read, cfg=cfg, tokenizer=tokenizer, batch_size=bs, pad_id=pad_id)
+    result.pop("predictions", None)
+    if task.name == "classification":
+        result["labels"] = list(cfg.model.labels)
+    return {"run": str(run), "checkpoint": checkpoint, "data": str(path), "task": task.name, **result,
+            "skipped": len(read.skipped)}
 
 
 @torch.inference_mode()

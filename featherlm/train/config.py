@@ -19,13 +19,11 @@ from featherlm.config import from_dict
 from featherlm.errors import ConfigError
 from featherlm.peft import PeftConfig
 
-CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall")
-
 
 @dataclass
 class ModelSection:
     name: str = ""  # embedded name, HF/featherlm folder, .gguf file or hub id (as featherlm.load)
-    task: Literal["classification", "sft", "lm"] = "classification"
+    task: str = "classification"  # a name in featherlm.train.tasks.TASKS: classification, sft, lm, ...
     pooling: Literal["auto", "pooler", "cls", "mean", "last"] = "auto"  # classification (see model/heads.py)
     dropout: float = 0.1  # before the classifier
     labels: list[str] = field(default_factory=list)  # label names in id order; empty: those of the train data
@@ -59,7 +57,7 @@ class TrainSection:
     max_grad_norm: float = 1.0  # 0 turns clipping off
     eval_every: int = 0  # steps between evaluations (and `last` checkpoints); 0: at each epoch's end
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0: never
-    metric: Literal["auto", "accuracy", "f1", "precision", "recall", "loss"] = "auto"  # auto: accuracy or loss
+    metric: str = "auto"  # one the task reports (accuracy, f1, loss, ...); auto: the task's first
     seed: int = 0
     bf16: bool = False  # bf16 autocast (weights and optimizer stay fp32)
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% slower
@@ -87,11 +85,18 @@ class FinetuneConfig:
         """The metric that picks the best checkpoint and drives early stopping."""
         if self.train.metric != "auto":
             return self.train.metric
-        return "accuracy" if self.model.task == "classification" else "loss"
+        return self.task.metrics[0]
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric != "loss"
+        return self.task.higher_is_better(self.metric)
+
+    @property
+    def task(self):
+        """The ``Task`` named by ``model.task`` (see featherlm/train/tasks)."""
+        from featherlm.train.tasks import get_task  # the tasks import this module's types
+
+        return get_task(self.model.task)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,6 +104,7 @@ class FinetuneConfig:
     def check(self) -> FinetuneConfig:
         """Reject inconsistent values before any work starts; returns self."""
         t = self.train
+        task = self.task  # ConfigError for an unknown task name
         problems = [
             (not self.model.name, "model.name is required (a model name, folder or .gguf file)"),
             (not self.data.train, "data.train is required (the training data file)"),
@@ -112,8 +118,9 @@ class FinetuneConfig:
             (t.max_grad_norm < 0 or t.weight_decay < 0, "train.max_grad_norm and train.weight_decay must be >= 0"),
             (t.early_stopping_patience > 0 and not self.data.eval,
              "train.early_stopping_patience needs evaluation data (data.eval)"),
-            (self.metric in CLASSIFICATION_METRICS and self.model.task != "classification",
-             f"train.metric {self.metric!r} is a classification metric; a {self.model.task} run uses 'loss'"),
+            (self.metric not in task.metrics,
+             f"train.metric {self.metric!r} is not reported by task {task.name!r} "
+             f"(it reports {', '.join(task.metrics)})"),
             (not 0 <= self.model.dropout < 1, f"model.dropout must be in [0, 1), got {self.model.dropout}"),
         ]
         for bad, message in problems:
@@ -213,10 +220,10 @@ def load_config(source: FinetuneConfig | Mapping[str, Any] | str | Path | None =
         data = dict(source or {})
     data = merge(data, parse_overrides(overrides))
     config = from_dict(FinetuneConfig, data, where=where)
-    if (config.model.task == "classification" and config.peft.method != "full"
-            and "classifier" not in config.peft.modules_to_save):
-        # the new head starts random: it must train, and be saved with the adapter
-        config.peft = dataclasses.replace(config.peft, modules_to_save=[*config.peft.modules_to_save, "classifier"])
+    head = [m for m in config.task.head_modules if m not in config.peft.modules_to_save]
+    if head and config.peft.method != "full":
+        # a new task head starts random: it must train, and be saved with the adapter
+        config.peft = dataclasses.replace(config.peft, modules_to_save=[*config.peft.modules_to_save, *head])
     if config.peft.base_model is None:  # recorded in the adapter file (PEFT's base_model_name_or_path)
         config.peft = dataclasses.replace(config.peft, base_model=config.model.name)
     return config.check()

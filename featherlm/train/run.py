@@ -30,7 +30,6 @@ from featherlm.hub import resolve
 from featherlm.io import atomic_dir, atomic_write_text
 from featherlm.peft import PeftConfig, apply, load_adapter_state_dict, read_adapter, save_adapter
 from featherlm.train.config import FinetuneConfig, load_config
-from featherlm.train.objectives import build_task_model
 
 CONFIG, METRICS, PLOT, LAST, BEST = "config.yaml", "metrics.jsonl", "curves.png", "last", "best"
 STATE_JSON, STATE_TENSORS, ADAPTER = "trainer_state.json", "trainer_state.safetensors", "adapter"
@@ -172,8 +171,7 @@ def build_for_run(config: FinetuneConfig, checkpoint=None) -> tuple[nn.Module, A
     if checkpoint.tokenizer is None:
         raise CheckpointError(config.model.name, "the model has no tokenizer; fine-tuning reads text")
     torch.manual_seed(config.train.seed)
-    model = build_task_model(build_model(checkpoint), config.model.task, labels=config.model.labels,
-                             pooling=config.model.pooling, dropout=config.model.dropout)
+    model = config.task.build_model(build_model(checkpoint), config)
     tok, text = checkpoint.tokenizer, config.peft.prompt_init_text
     apply(model, config.peft, init_ids=tok.encode(text, add_special_tokens=False) if text else None)
     return model, tok

@@ -32,22 +32,13 @@ from torch.utils.checkpoint import checkpoint as recompute
 from tqdm.auto import tqdm
 
 from featherlm.checkpoint import read_checkpoint
-from featherlm.data import (
-    IGNORE_INDEX,
-    batch_order,
-    collate,
-    encode_classification,
-    read_classification,
-    read_lm,
-    read_sft,
-)
+from featherlm.data import batch_order
 from featherlm.errors import ConfigError
 from featherlm.hub import resolve
 from featherlm.io import atomic_write_text
 from featherlm.model.layers import Block
 from featherlm.peft import count_parameters
 from featherlm.train.config import FinetuneConfig, load_config, save_config
-from featherlm.train.objectives import autocast, forward_loss, run_eval
 from featherlm.train.plot import plot_curves
 from featherlm.train.run import (
     BEST,
@@ -64,6 +55,7 @@ from featherlm.train.run import (
     save_checkpoint,
     truncate_metrics,
 )
+from featherlm.train.tasks import Task, TaskData, autocast
 
 TIMING_KEYS = ("time_s", "examples_per_s")  # metrics.jsonl fields that vary from run to run
 
@@ -80,7 +72,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
     the progress bar and messages. Returns a summary (see the end of this function).
     """
     cfg = load_config(config, overrides)
-    t, task = cfg.train, cfg.model.task
+    t, task = cfg.train, cfg.task
     say = functools.partial(print, file=sys.stderr) if progress else (lambda *a, **k: None)
     run_dir = Path(cfg.out.dir)
 
@@ -89,7 +81,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
     tokenizer = checkpoint.tokenizer
     if tokenizer is None:
         raise ConfigError(f"{cfg.model.name}: the model has no tokenizer; fine-tuning reads text")
-    train_data, eval_data, skipped = read_data(cfg, tokenizer)
+    train_data, eval_data, skipped = read_data(cfg, task, tokenizer)
     for split, rows in skipped.items():
         if rows:
             line, reason = rows[0]
@@ -123,7 +115,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
         (run_dir / METRICS).touch()
 
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    lengths = [len(e["input_ids"]) for e in train_data]
+    lengths = [len(e["input_ids"]) for e in train_data.examples]
     eval_bs = t.eval_batch_size or 2 * t.batch_size
     metric, higher = cfg.metric, cfg.higher_is_better
     order_epoch, batches = -1, []
@@ -142,17 +134,17 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
                                       bucket=cfg.data.bucket_by_length)
                 order_epoch = epoch
             step_batches = batches[k * t.grad_accum:(k + 1) * t.grad_accum]
-            micro = [collate([train_data[i] for i in b], pad_id) for b in step_batches]
+            micro = [task.collate([train_data.examples[i] for i in b], pad_id) for b in step_batches]
             lr = t.lr * lr_factor(state.step, total_steps, warmup, t.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # divide every micro-batch's summed loss by the whole step's count: the same gradient as
             # one big batch, whatever the split (and the token count of each micro-batch)
-            terms = sum(count_terms(b, task) for b in micro)
+            terms = sum(task.terms(b) for b in micro)
             step_loss = 0.0
             for batch in micro:
                 with autocast(t.bf16):
-                    loss, _, _ = forward_loss(model, batch, task)
+                    loss, _ = task.loss(model, batch)
                 (loss / max(terms, 1)).backward()
                 step_loss += float(loss.detach())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
@@ -177,9 +169,9 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
             # ---- evaluation, best checkpoint, early stopping, `last` checkpoint
             due = state.step == total_steps or (state.step % t.eval_every == 0 if t.eval_every
                                                 else state.step % steps_per_epoch == 0)
-            if due and eval_data:
-                result = run_eval(model, eval_data, task, batch_size=eval_bs, pad_id=pad_id,
-                                  num_labels=len(cfg.model.labels), bf16=t.bf16)
+            if due and eval_data is not None:
+                result = task.evaluate(model, eval_data, cfg=cfg, tokenizer=tokenizer, batch_size=eval_bs,
+                                       pad_id=pad_id, bf16=t.bf16)
                 result.pop("predictions", None)
                 value = result[metric]
                 best = state.best_value
@@ -212,14 +204,14 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
     evals = [r for r in records if r.get("split") == "eval"]
     trains = [r for r in records if r.get("split") == "train"]
     summary = {
-        "run_dir": str(run_dir), "task": task, "method": cfg.peft.method, "metric": metric,
+        "run_dir": str(run_dir), "task": task.name, "method": cfg.peft.method, "metric": metric,
         "step": state.step, "total_steps": total_steps, "epoch": round(state.step / steps_per_epoch, 4),
         "finished": state.step >= total_steps or state.stopped_early, "stopped": stop_reason,
         "best_step": state.best_step, "best_value": state.best_value,
         "train_loss": trains[-1]["loss"] if trains else None,
         "eval": evals[-1] if evals else None,
         "trainable_params": trainable, "total_params": total,
-        "train_examples": len(train_data), "eval_examples": len(eval_data),
+        "train_examples": len(train_data), "eval_examples": len(eval_data) if eval_data else 0,
         "skipped_rows": {split: len(rows) for split, rows in skipped.items()},
         "time_s": round(time.perf_counter() - started, 3),
     }
@@ -231,47 +223,20 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
 # ----------------------------------------------------------------------------- helpers of the loop
 
 
-def read_data(cfg: FinetuneConfig, tokenizer) -> tuple[list[dict], list[dict], dict[str, list]]:
-    """(train examples, eval examples, skipped rows per split) for the task; fills ``cfg.model.labels``."""
-    d, t, task = cfg.data, cfg.train, cfg.model.task
-    common = {"skip_bad_rows": d.skip_bad_rows}
+def read_data(cfg: FinetuneConfig, task: Task, tokenizer) -> tuple[TaskData, TaskData | None, dict[str, list]]:
+    """(train data, eval data or None, skipped rows per split); the training file is read first, so a
+    task can learn from it what the evaluation data is read against (classification: the labels)."""
+    d = cfg.data
     skipped: dict[str, list] = {}
-    out = []
-    for split, path in (("train", d.train), ("eval", d.eval)):
+    out: list[TaskData | None] = []
+    for split, path, limit in (("train", d.train, d.max_train_examples), ("eval", d.eval, d.max_eval_examples)):
         if not path:
-            out.append([])
+            out.append(None)
             continue
-        if task == "classification":
-            data = read_classification(path, text_column=d.text_column, label_column=d.label_column,
-                                       labels=cfg.model.labels or None, format=d.format, **common)
-            cfg.model.labels = data.label_names  # eval data is then read against the training labels
-            examples = encode_classification(data, tokenizer, t.max_seq_len)
-        elif task == "sft":
-            data = read_sft(path, tokenizer, max_seq_len=t.max_seq_len, **common)
-            examples = data.examples
-        else:
-            data = read_lm(path, tokenizer, block_size=t.max_seq_len, text_column=d.text_column, format=d.format,
-                           **common)
-            examples = data.examples
+        data = task.read(cfg, path, tokenizer, skip_bad_rows=d.skip_bad_rows)
         skipped[split] = data.skipped
-        limit = d.max_train_examples if split == "train" else d.max_eval_examples
-        out.append(subset(examples, limit, t.seed))
+        out.append(task.subset(data, limit, cfg.train.seed))
     return out[0], out[1], skipped
-
-
-def subset(examples: list[dict], limit: int, seed: int) -> list[dict]:
-    """A seeded random ``limit`` examples (file order kept), or all of them when ``limit`` is 0."""
-    if not limit or limit >= len(examples):
-        return examples
-    keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:limit]
-    return [examples[i] for i in sorted(keep.tolist())]
-
-
-def count_terms(batch: dict[str, torch.Tensor], task: str) -> int:
-    """How many loss terms a batch holds: examples (classification) or predicted tokens (LM)."""
-    if task == "classification":
-        return int(batch["labels"].numel())
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> tuple[list[str], torch.optim.Optimizer]:

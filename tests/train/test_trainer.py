@@ -328,7 +328,7 @@ def test_config_is_strict_and_takes_dotted_overrides(tmp_path):
         (["--train.schedule", "steep"], "is not one of"),
         (["train.lr", "1"], "expected --section.key"),
         (["--train.lr.x", "1"], "expected float"),
-        (["--train.metric", "f1", "--model.task", "sft"], "classification metric"),
+        (["--train.metric", "f1", "--model.task", "sft"], "not reported by task"),
         (["--train.early_stopping_patience", "2"], "needs evaluation data"),
         (["--model.name="], "model.name is required"),
     ]:
