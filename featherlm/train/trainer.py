@@ -38,6 +38,7 @@ from featherlm.hub import resolve
 from featherlm.io import atomic_write_text
 from featherlm.model.layers import Block
 from featherlm.peft import count_parameters
+from featherlm.train import parallel
 from featherlm.train.config import FinetuneConfig, load_config, save_config
 from featherlm.train.plot import plot_curves
 from featherlm.train.run import (
@@ -73,6 +74,9 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
     """
     cfg = load_config(config, overrides)
     t, task = cfg.train, cfg.task
+    rank, world = parallel.init()  # (0, 1) unless launched by torchrun
+    main = rank == 0  # only the first process prints and writes
+    progress = progress and main
     say = functools.partial(print, file=sys.stderr) if progress else (lambda *a, **k: None)
     run_dir = Path(cfg.out.dir)
 
@@ -95,7 +99,9 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
 
     # ---- optimizer and schedule; then the run dir (after every check that can fail)
     names, optimizer = make_optimizer(model, cfg)
-    prepare_run_dir(run_dir, cfg, resume)
+    if main:
+        prepare_run_dir(run_dir, cfg, resume)  # an error here ends every process (torchrun stops the group)
+    parallel.barrier()
     params = [p for p in model.parameters() if p.requires_grad]
     batches_per_epoch = math.ceil(len(train_data) / t.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
@@ -108,12 +114,16 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
             raise ConfigError(f"cannot resume {run_dir}: the data gives {steps_per_epoch} steps per epoch "
                               f"({total_steps} in all), the checkpoint was made with {state.steps_per_epoch} "
                               f"({state.total_steps})")
-        truncate_metrics(run_dir / METRICS, state.step)
-    else:
+        if main:
+            truncate_metrics(run_dir / METRICS, state.step)
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG, save_config(cfg))
         (run_dir / METRICS).touch()
 
+    parallel.barrier()
+    if world > 1:  # distinct dropout masks per process (the data shards already differ)
+        torch.manual_seed(t.seed * 1_000_003 + 7919 * rank + state.step)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     lengths = [len(e["input_ids"]) for e in train_data.examples]
     eval_bs = t.eval_batch_size or 2 * t.batch_size
@@ -134,24 +144,28 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
                                       bucket=cfg.data.bucket_by_length)
                 order_epoch = epoch
             step_batches = batches[k * t.grad_accum:(k + 1) * t.grad_accum]
-            micro = [task.collate([train_data.examples[i] for i in b], pad_id) for b in step_batches]
+            # this process's share of each micro-batch: examples rank, rank + world, ... (all of it when alone)
+            micro = [task.collate([train_data.examples[i] for i in b[rank::world]], pad_id)
+                     for b in step_batches if b[rank::world]]
             lr = t.lr * lr_factor(state.step, total_steps, warmup, t.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # divide every micro-batch's summed loss by the whole step's count: the same gradient as
             # one big batch, whatever the split (and the token count of each micro-batch)
-            terms = sum(task.terms(b) for b in micro)
+            terms = round(parallel.sum_scalar(sum(task.terms(b) for b in micro)))  # of the global batch
             step_loss = 0.0
             for batch in micro:
                 with autocast(t.bf16):
                     loss, _ = task.loss(model, batch)
                 (loss / max(terms, 1)).backward()
                 step_loss += float(loss.detach())
+            parallel.sum_gradients(params)  # the whole batch's gradient on every process
+            step_loss = parallel.sum_scalar(step_loss)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            seen += sum(len(b["input_ids"]) for b in micro)
+            seen += sum(len(b) for b in step_batches)
             state.window_loss += step_loss / max(terms, 1)
             state.window_steps += 1
             bar.update(1)
@@ -162,14 +176,15 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
                 record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "split": "train",
                           "loss": state.window_loss / state.window_steps, "lr": lr, "grad_norm": grad_norm,
                           "time_s": round(elapsed, 3), "examples_per_s": round(seen / max(elapsed, 1e-9), 2)}
-                append_metrics(run_dir / METRICS, record)
+                if main:
+                    append_metrics(run_dir / METRICS, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 state.window_loss, state.window_steps = 0.0, 0
 
             # ---- evaluation, best checkpoint, early stopping, `last` checkpoint
             due = state.step == total_steps or (state.step % t.eval_every == 0 if t.eval_every
                                                 else state.step % steps_per_epoch == 0)
-            if due and eval_data is not None:
+            if due and eval_data is not None and main:
                 result = task.evaluate(model, eval_data, cfg=cfg, tokenizer=tokenizer, batch_size=eval_bs,
                                        pad_id=pad_id, bf16=t.bf16)
                 result.pop("predictions", None)
@@ -193,13 +208,18 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
                 stop_reason = "stop_after"
             elif interrupt["requested"]:
                 stop_reason = "interrupted"
-            if due or stop_reason:
+            if world > 1:  # rank 0 evaluated: every process follows its early-stopping decision
+                early, = parallel.broadcast_flags(int(state.stopped_early))
+                if early and not state.stopped_early:
+                    state.stopped_early, stop_reason = True, "early_stopping"
+            if (due or stop_reason) and main:
                 save_checkpoint(run_dir / LAST, model, cfg.peft, state=state, optimizer=optimizer, names=names)
     bar.close()
+    parallel.barrier()  # rank 0's last writes are done before any process reads the run dir
 
     # ---- summary
     records = read_metrics(run_dir / METRICS)
-    if cfg.out.plot:
+    if cfg.out.plot and main:
         plot_curves(records, run_dir / PLOT, metric)
     evals = [r for r in records if r.get("split") == "eval"]
     trains = [r for r in records if r.get("split") == "train"]
