@@ -62,12 +62,15 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, checkpoint: str
     from featherlm.train import load_run
 
     model, tokenizer, cfg = load_run(run, checkpoint)
-    path = data or cfg.data.eval
+    held_out = not data and not cfg.data.eval and cfg.data.eval_ratio > 0  # the run's own held-out share
+    path = data or cfg.data.eval or (cfg.data.train if held_out else "")
     if not path:
         raise ConfigError(f"{run}: the run has no eval data; name a data file to evaluate on")
     bs = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     task = cfg.task
     read = task.read(cfg, str(path), tokenizer, skip_bad_rows=skip_bad_rows)
+    if held_out:
+        read = task.split(read, cfg.data.eval_ratio, cfg.train.seed)[1]
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     result = task.evaluate(model, read, cfg=cfg, tokenizer=tokenizer, batch_size=bs, pad_id=pad_id)
     result.pop("predictions", None)

@@ -38,6 +38,7 @@ class DataSection:
     label_column: str | None = None  # None: "label"
     max_train_examples: int = 0  # > 0: a seeded random subset of the training data (time budgets)
     max_eval_examples: int = 0
+    eval_ratio: float = 0.0  # > 0 and no data.eval: hold out this seeded share of the training file instead
     skip_bad_rows: bool = False  # count and report malformed rows instead of stopping at the first
     bucket_by_length: bool = False  # batches of similar lengths: less padding, faster on CPU
 
@@ -116,12 +117,14 @@ class FinetuneConfig:
             (t.max_seq_len < 2, f"train.max_seq_len must be at least 2, got {t.max_seq_len}"),
             (t.eval_every < 0 or t.log_every < 1, "train.eval_every must be >= 0 and train.log_every >= 1"),
             (t.max_grad_norm < 0 or t.weight_decay < 0, "train.max_grad_norm and train.weight_decay must be >= 0"),
-            (t.early_stopping_patience > 0 and not self.data.eval,
+            (t.early_stopping_patience > 0 and not (self.data.eval or self.data.eval_ratio),
              "train.early_stopping_patience needs evaluation data (data.eval)"),
             (self.metric not in task.metrics,
              f"train.metric {self.metric!r} is not reported by task {task.name!r} "
              f"(it reports {', '.join(task.metrics)})"),
             (not 0 <= self.model.dropout < 1, f"model.dropout must be in [0, 1), got {self.model.dropout}"),
+            (not 0 <= self.data.eval_ratio < 1, f"data.eval_ratio must be in [0, 1), got {self.data.eval_ratio}"),
+            (self.data.eval_ratio > 0 and bool(self.data.eval), "set data.eval or data.eval_ratio, not both"),
         ]
         for bad, message in problems:
             if bad:

@@ -255,6 +255,13 @@ def read_data(cfg: FinetuneConfig, task: Task, tokenizer) -> tuple[TaskData, Tas
             continue
         data = task.read(cfg, path, tokenizer, skip_bad_rows=d.skip_bad_rows)
         skipped[split] = data.skipped
+        if split == "train" and d.eval_ratio > 0:  # hold out part of the training file (before any subset)
+            if len(data) < 2:
+                raise ConfigError(f"{path}: data.eval_ratio needs at least 2 examples, got {len(data)}")
+            data, held = task.split(data, d.eval_ratio, cfg.train.seed)
+            out.append(task.subset(data, limit, cfg.train.seed))
+            out.append(task.subset(held, d.max_eval_examples, cfg.train.seed))
+            break
         out.append(task.subset(data, limit, cfg.train.seed))
     return out[0], out[1], skipped
 

@@ -353,3 +353,18 @@ def test_evaluate_reloads_the_best_checkpoint(tmp_path, tiny_checkpoint, sentime
     model, tokenizer, loaded = load_run(tmp_path / "run", "last")
     assert not model.training and loaded.model.labels == ["0", "1"]
     assert set(evaluate(tmp_path / "run", sentiment_files[0], checkpoint="last")) >= {"accuracy", "f1", "n"}
+
+
+def test_eval_ratio_holds_out_a_seeded_share_of_the_training_file(tiny_checkpoint, sentiment_files, tmp_path):
+    from featherlm.evaluate import evaluate
+
+    train, _ = sentiment_files
+    overrides = ["--model.name", tiny_checkpoint("bert"), "--data.train", str(train), "--data.eval_ratio", "0.25",
+                 "--train.max_steps", "2", "--out.dir", str(tmp_path / "run"), "--out.plot", "false"]
+    summary = finetune({}, overrides=overrides, progress=False)
+    assert (summary["train_examples"], summary["eval_examples"]) == (72, 24)  # 96 rows: 25% held out
+    again = evaluate(tmp_path / "run")  # the run's default eval data is the same held-out share
+    assert again["n"] == 24
+    assert again["accuracy"] == pytest.approx(summary["eval"]["accuracy"])
+    with pytest.raises(ConfigError, match="not both"):
+        finetune({}, overrides=[*overrides, "--data.eval", str(train)], progress=False)

@@ -77,6 +77,16 @@ class Task:
         keep = torch.randperm(len(data.examples), generator=torch.Generator().manual_seed(seed))[:limit]
         return TaskData(data.path, [data.examples[i] for i in sorted(keep.tolist())], data.skipped, data.source)
 
+    def split(self, data: TaskData, ratio: float, seed: int) -> tuple[TaskData, TaskData]:
+        """(train, held out): a seeded ``ratio`` of the examples held out for evaluation (at least one)."""
+        n = len(data.examples)
+        k = min(max(1, round(ratio * n)), n - 1)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+        held = set(order[:k])
+        pick = lambda keep: [e for i, e in enumerate(data.examples) if (i in held) == keep]  # noqa: E731
+        return (TaskData(data.path, pick(False), data.skipped, data.source),
+                TaskData(data.path, pick(True), [], data.source))
+
     # ---- model
     def build_model(self, backbone: nn.Module, cfg: FinetuneConfig) -> nn.Module:
         """The model to train around ``backbone`` (a Transformer); language modelling trains it as is."""
