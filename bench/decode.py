@@ -6,7 +6,12 @@ makes exactly ``--new-tokens`` tokens. Each side is timed the same way from outs
 prefill = time to the first new token, decode = (time for N tokens - time for 1 token) / (N - 1).
 The median of ``--repeats`` runs is reported, and featherlm / transformers as a ratio.
 
-    .venv/bin/python bench/decode.py [--new-tokens 64] [--prompt-tokens 128] [--dtypes float32,bfloat16] [--json]
+``q4`` runs featherlm on the GGUF's own 4-bit blocks (``featherlm.load(..., dtype="q4")``) against
+transformers in bf16 on the same stored weights dequantised (transformers has no 4-bit CPU path for
+them), and reports the bytes of weights each side holds.
+
+    .venv/bin/python bench/decode.py [--new-tokens 64] [--prompt-tokens 128] [--dtypes float32,bfloat16,q4]
+        [--repeats 3] [--threads N] [--json]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 import featherlm
 from featherlm.checkpoint import export_hf
 from featherlm.generate import GenerationConfig, generate_ids
+from featherlm.model.quant import weight_bytes
 
 TEXT = (
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
@@ -65,42 +71,59 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,bfloat16,q4")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
 
     lm = featherlm.load(args.model)
     ids = (lm.tokenizer.encode(TEXT * 4))[: args.prompt_tokens]
     rows = []
+    theirs_by_dtype: dict[str, tuple[dict, int]] = {}  # transformers bf16 is measured once for bf16 and q4
     with tempfile.TemporaryDirectory() as folder:
         export_hf(lm.model, lm.tokenizer, folder)
         for name in args.dtypes.split(","):
-            dtype = featherlm.DTYPES[name]
-            ours = lm.model.to(dtype)
-            theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+            their_dtype = "bfloat16" if name == "q4" else name
+            if name == "q4":
+                ours = featherlm.load(args.model, dtype="q4").model
+            else:
+                ours = lm.model.to(featherlm.DTYPES[name])
             f = measure(time_featherlm, ours, ids, args.new_tokens, args.repeats)
-            t = measure(time_transformers, theirs, ids, args.new_tokens, args.repeats)
+            if their_dtype not in theirs_by_dtype:
+                theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=featherlm.DTYPES[their_dtype]).eval()
+                t = measure(time_transformers, theirs, ids, args.new_tokens, args.repeats)
+                theirs_by_dtype[their_dtype] = (t, weight_bytes(theirs))
+                del theirs
+            t, their_bytes = theirs_by_dtype[their_dtype]
             rows.append({
-                "dtype": name, "featherlm": f, "transformers": t,
+                "dtype": name, "transformers_dtype": their_dtype, "featherlm": f, "transformers": t,
                 "decode_ratio": f["decode_tokens_per_s"] / t["decode_tokens_per_s"],
                 "prefill_ratio": f["prefill_tokens_per_s"] / t["prefill_tokens_per_s"],
+                "featherlm_weight_bytes": weight_bytes(ours), "transformers_weight_bytes": their_bytes,
             })
-            del theirs
     import transformers
 
     meta = {"model": args.model, "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "batch": 1,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__}
     print(f"{args.model}, batch 1, prompt {len(ids)} tokens, {args.new_tokens} new tokens, "
           f"{meta['threads']} threads, median of {args.repeats}")
-    print(f"{'dtype':<10}{'side':<14}{'prefill tok/s':>15}{'decode tok/s':>14}")
+    print(f"{'dtype':<10}{'side':<24}{'prefill tok/s':>15}{'decode tok/s':>14}{'weights MB':>12}")
     for r in rows:
         for side in ("featherlm", "transformers"):
-            print(f"{r['dtype']:<10}{side:<14}{r[side]['prefill_tokens_per_s']:>15.1f}"
-                  f"{r[side]['decode_tokens_per_s']:>14.2f}")
-        print(f"{r['dtype']:<10}{'ratio':<14}{r['prefill_ratio']:>14.2f}x{r['decode_ratio']:>13.2f}x")
+            label = f"{side} ({r['transformers_dtype']})" if side == "transformers" and r["dtype"] == "q4" else side
+            print(f"{r['dtype']:<10}{label:<24}{r[side]['prefill_tokens_per_s']:>15.1f}"
+                  f"{r[side]['decode_tokens_per_s']:>14.2f}{r[side + '_weight_bytes'] / 1e6:>12.1f}")
+        print(f"{r['dtype']:<10}{'ratio':<24}{r['prefill_ratio']:>14.2f}x{r['decode_ratio']:>13.2f}x")
     by_dtype = {r["dtype"]: r for r in rows}
+    if {"bfloat16", "q4"} <= set(by_dtype):
+        ratio = (by_dtype["q4"]["featherlm"]["decode_tokens_per_s"]
+                 / by_dtype["bfloat16"]["featherlm"]["decode_tokens_per_s"])
+        meta["q4_vs_bfloat16_decode_ratio"] = ratio
+        print(f"featherlm q4 / featherlm bfloat16: decode {ratio:.2f}x")
     if {"float32", "bfloat16"} <= set(by_dtype):  # each side's default: featherlm's CLI bf16, HF's fp32
         ratio = (by_dtype["bfloat16"]["featherlm"]["decode_tokens_per_s"]
                  / by_dtype["float32"]["transformers"]["decode_tokens_per_s"])

@@ -30,6 +30,8 @@ __version__ = "0.1.0"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+# Weight formats `load` also takes besides DTYPES: "q4" = 4-bit linears (featherlm.model.quant), bf16 elsewhere.
+QUANTIZED = ("q4",)
 
 
 @dataclass
@@ -81,10 +83,11 @@ class LoadedModel:
         return {
             "name": self.name, "kind": self.kind, "family": c.family, "n_layer": c.n_layer, "n_head": c.n_head,
             "n_kv_head": c.n_kv_head, "d_model": c.d_model, "d_ff": c.d_ff, "head_dim": c.head_dim,
-            "vocab_size": c.vocab_size, "context_length": c.max_seq_len, "parameters": self.model.num_params(),
+            "vocab_size": c.vocab_size, "context_length": c.max_seq_len, "parameters": _num_params(self.model),
             "dtype": str(self.model.embed_tokens.weight.dtype).replace("torch.", ""), "stored_as": self.stored_as,
             "tokenizer_vocab_size": getattr(self.tokenizer, "vocab_size", None),
             "files": [str(f) for f in self.files],
+            **_quant_info(self.model),
         }
 
 
@@ -93,14 +96,59 @@ def load(name: str | Path, *, dtype: str | torch.dtype = "float32", device: str 
     from featherlm.checkpoint import build_model, read_checkpoint
     from featherlm.hub import resolve
 
-    if isinstance(dtype, str):
+    quantize = dtype in QUANTIZED
+    if quantize:
+        dtype = torch.bfloat16  # what everything but the 4-bit linears (embeddings, norms) is kept in
+    elif isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            raise ConfigError(f"dtype {dtype!r} is not one of {', '.join([*DTYPES, *QUANTIZED])}")
         dtype = DTYPES[dtype]
     checkpoint = read_checkpoint(resolve(name))
     model = build_model(checkpoint, dtype=dtype, device=device)
+    if quantize:
+        _to_int4(model, checkpoint)
     return LoadedModel(model, checkpoint.tokenizer, str(name), checkpoint.files, checkpoint.kind,
                        checkpoint.stored_as)
+
+
+def _to_int4(model: Transformer, checkpoint) -> None:
+    """``dtype="q4"``: a GGUF file's 4-bit linears (Q4_0/Q4_1/Q4_K) become Int4Linear from its own blocks,
+    the rest (Q6_K, Q8_0 tensors, embeddings, norms) stays bf16; any other checkpoint has its linears
+    quantised in groups of 32. A tied output layer stays the bf16 embedding (it is one tensor)."""
+    from featherlm.model.quant import quantize_model
+
+    if checkpoint.kind == "gguf":
+        from featherlm.checkpoint.gguf import load_int4_linears
+
+        load_int4_linears(model, checkpoint.files[0])
+        model.int4_source = f"GGUF {checkpoint.stored_as or '4-bit'} blocks"
+    else:
+        quantize_model(model, group_size=32)
+        model.int4_source = f"quantised from {checkpoint.stored_as or 'float'} weights"
+
+
+def _num_params(model) -> int:
+    """Parameters, with the weights of 4-bit layers (buffers, not nn.Parameters) counted too."""
+    from featherlm.model.quant import int4_layers
+
+    extra = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+                for m in int4_layers(model).values())
+    return model.num_params() + extra
+
+
+def _quant_info(model: torch.nn.Module) -> dict:
+    """For ``info()``: how many linears are 4-bit and the bytes of all weights (empty for float models)."""
+    from featherlm.model.quant import int4_layers, weight_bytes
+
+    layers = int4_layers(model)
+    if not layers:
+        return {}
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) + len(layers)
+    groups = sorted({m.group_size for m in layers.values()})
+    return {"quantized": {"format": "int4", "group_size": groups[0] if len(groups) == 1 else groups,
+                          "layers": len(layers), "linears": linears,
+                          "source": getattr(model, "int4_source", "")},
+            "weights_bytes": weight_bytes(model)}
 
 
 __all__ = [

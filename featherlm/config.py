@@ -1,6 +1,6 @@
 """Configuration dataclasses.
 
-One ``ModelConfig`` describes every family (GPT-2, Llama, BERT): the differences between families
+One ``ModelConfig`` describes every family (GPT-2, Llama, BERT, T5): the differences between families
 are field values, never separate classes. Loading from a dict is strict: an unknown key is a
 ``ConfigError`` that names the closest valid key, and values are coerced by their annotation.
 """
@@ -29,7 +29,7 @@ class ModelConfig:
     field from their own config (see ``featherlm.checkpoint``).
     """
 
-    family: Literal["llama", "gpt2", "bert"] = "llama"
+    family: Literal["llama", "gpt2", "bert", "t5"] = "llama"
     n_layer: int = 2
     n_head: int = 4
     n_kv_head: int = 4  # < n_head means grouped-query attention (Llama 2/3, SmolLM2)
@@ -47,7 +47,7 @@ class ModelConfig:
     norm_position: Literal["pre", "post"] = "pre"  # BERT is post-LN
     mlp: Literal["gated", "plain"] = "gated"  # gated: SwiGLU-style gate*up; plain: up -> act -> down
     activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
-    position: Literal["rope", "learned", "sinusoidal"] = "rope"
+    position: Literal["rope", "learned", "sinusoidal", "relative"] = "rope"  # relative: T5's bucketed bias
     attn_bias: bool = False  # bias on q/k/v projections
     o_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False
@@ -59,7 +59,17 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    initializer_range: float = 0.02
+    initializer_range: float = 0.02  # std of the random init; T5: its initializer_factor (stds follow the widths)
+    # Encoder-decoder (T5). The model is then an encoder stack and a decoder stack of the blocks above
+    # (featherlm.model.Seq2SeqTransformer); the stacks' own configs set causal and cross_attention.
+    encoder_decoder: bool = False
+    n_decoder_layer: int | None = None  # decoder blocks of an encoder-decoder; None: n_layer
+    cross_attention: bool = False  # blocks also attend to an encoder's output (the decoder stack)
+    decoder_start_token_id: int | None = None  # first decoder input of an encoder-decoder (T5: the pad id)
+    relative_buckets: int = 32  # position "relative": buckets of T5's learned per-head position bias
+    relative_max_distance: int = 128  # distances past this share the last bucket
+    attn_scale: bool = True  # scores / sqrt(head_dim); T5 does not scale (it folds that into q_proj's init)
+    scale_output: bool = False  # T5 with tied embeddings: hidden * d_model**-0.5 before the unembedding
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -70,13 +80,19 @@ class ModelConfig:
             raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.encoder_decoder and self.n_decoder_layer is None:
+            self.n_decoder_layer = self.n_layer
+        if self.position == "relative" and not 2 <= self.relative_buckets <= self.relative_max_distance:
+            raise ConfigError(f"relative_buckets must be in 2..relative_max_distance ({self.relative_max_distance}), "
+                              f"got {self.relative_buckets}")
 
     @property
     def n_params_estimate(self) -> int:
         """Rough parameter count (embeddings + blocks), for messages before a model exists."""
         attn = self.d_model * self.head_dim * (2 * self.n_head + 2 * self.n_kv_head)
         mlp = self.d_model * self.d_ff * (3 if self.mlp == "gated" else 2)
-        return self.vocab_size * self.d_model + self.n_layer * (attn + mlp)
+        decoder = self.n_decoder_layer * (2 * attn + mlp) if self.encoder_decoder else 0  # + cross-attention
+        return self.vocab_size * self.d_model + self.n_layer * (attn + mlp) + decoder
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,9 +131,18 @@ def preset(family: str, **overrides: Any) -> ModelConfig:
             type_vocab_size=2, embed_norm=True, final_norm=False, pooler=True, norm_eps=1e-12,
             d_ff=128, pad_token_id=0,
         ),
+        # the original T5 (ReLU MLP, tied and scaled output); T5 v1.1 / flan-t5 are mlp="gated",
+        # activation="gelu_tanh", tie_embeddings=False, scale_output=False
+        "t5": dict(
+            family="t5", encoder_decoder=True, position="relative", mlp="plain", activation="relu", attn_scale=False,
+            tie_embeddings=True, scale_output=True, norm_eps=1e-6, d_ff=128, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0, initializer_range=1.0,
+        ),
     }.get(family)
     if base is None:
-        raise ConfigError(f"unknown family {family!r}; expected one of llama, gpt2, bert")
+        raise ConfigError(f"unknown family {family!r}; expected one of llama, gpt2, bert, t5")
+    if family in ("bert", "t5") and "n_head" in overrides:
+        overrides = {"n_kv_head": overrides["n_head"], **overrides}  # no grouped-query attention in these families
     return ModelConfig(**{**base, **overrides})
 
 

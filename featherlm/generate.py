@@ -3,6 +3,11 @@ stop strings, streaming, and batches of prompts of different lengths (left paddi
 
 Two levels: ``generate_ids`` / ``beam_search`` work on token ids and a model only; ``generate`` and
 ``stream`` add a tokenizer (text in, text out, stop strings, timing figures).
+
+Decoder-only models continue the prompt. Encoder-decoders (T5) encode the prompt once, then decode
+from ``decoder_start_token_id``; the first decoder pass puts the encoder output's cross-attention keys
+and values in the cache, so each later step runs the decoder on one token only. ``prefill`` and
+``step`` are the only places that tell the two apart.
 """
 
 from __future__ import annotations
@@ -128,14 +133,55 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def is_encoder_decoder(model) -> bool:
+    return bool(getattr(model.config, "encoder_decoder", False))
+
+
 def check_prompts(model, prompts: list[list[int]], cfg: GenerationConfig) -> int:
-    """Validate prompt lengths against the context; return how many new tokens fit."""
+    """Validate prompt lengths against the context; return how many new tokens fit.
+
+    An encoder-decoder reads up to a context of prompt and writes up to a context of new tokens;
+    a decoder-only model holds both in one context."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("empty prompt: at least one token is needed")
     longest, context = max(len(p) for p in prompts), model.config.max_seq_len
+    if is_encoder_decoder(model):
+        if longest > context:
+            raise GenerationError(f"prompt has {longest} tokens but the model's encoder reads {context} tokens")
+        return min(cfg.max_new_tokens, context)
     if longest >= context:
         raise GenerationError(f"prompt has {longest} tokens but the model's context is {context} tokens")
     return min(cfg.max_new_tokens, context - longest)
+
+
+def cache_length(model, prompt_len: int, budget: int) -> int:
+    """Positions the KV cache must hold: prompt and new tokens, or for an encoder-decoder the start
+    token and the new tokens (the prompt lives in the encoder)."""
+    return (1 if is_encoder_decoder(model) else prompt_len) + budget
+
+
+def start_ids(model, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The first decoder input of an encoder-decoder: decoder_start_token_id per row, (B, 1)."""
+    start = model.config.decoder_start_token_id
+    if start is None:
+        raise GenerationError("this encoder-decoder has no decoder_start_token_id in its config")
+    return torch.full((batch_size, 1), start, dtype=torch.long, device=device)
+
+
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+    """Run the prompts (B, T) (mask (B, T) or None without padding) into the cache; next-token logits (B, V)."""
+    if is_encoder_decoder(model):
+        start = start_ids(model, ids.shape[0], ids.device)
+        return model(ids, attention_mask=mask, decoder_input_ids=start, cache=cache, last_only=True).logits[:, -1]
+    return model(ids, attention_mask=mask, cache=cache, last_only=True).logits[:, -1]
+
+
+def step(model, tokens: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+    """Feed one new token per row, (B,); logits (B, V). ``mask`` (B, S): a padded decoder-only batch's
+    mask over cache + new token (an encoder-decoder's source mask is in the cache already)."""
+    if is_encoder_decoder(model):
+        return model(decoder_input_ids=tokens[:, None], cache=cache, last_only=True).logits[:, -1]
+    return model(tokens[:, None], attention_mask=mask, cache=cache, last_only=True).logits[:, -1]
 
 
 @torch.inference_mode()
@@ -159,25 +205,29 @@ def iter_tokens(
     ids, mask = ids.to(device), mask.to(device)
     B, T = ids.shape
     padded = bool((mask == 0).any())
-    cache = model.new_cache(B, T + budget)
+    encdec = is_encoder_decoder(model)
+    cache = model.new_cache(B, cache_length(model, T, budget))
     generator = _generator(cfg.seed, device)
     seen = None
     if cfg.repetition_penalty != 1.0:
-        # scatter_add, not scatter_: a pad id that also occurs in a prompt must not unset it
+        # the tokens of the sequence being written: the prompt (decoders), the start token (encoder-
+        # decoders, as transformers does). scatter_add, not scatter_: a pad id that also occurs in a
+        # prompt must not unset it
+        written, real = (start_ids(model, B, device), None) if encdec else (ids, mask)
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.long, device=device)
-        seen = seen.scatter_add_(1, ids, mask) > 0
+        seen = seen.scatter_add_(1, written, real if real is not None else torch.ones_like(written)) > 0
     done = torch.zeros(B, dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     timing.prompt_tokens = int(mask.sum())
     start = time.perf_counter()
-    logits = model(ids, attention_mask=mask if padded else None, cache=cache, last_only=True).logits[:, -1]
-    for step in range(budget):
+    logits = prefill(model, ids, mask if padded else None, cache)
+    for n in range(budget):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
         token = sample_next(logits, cfg, generator)  # (B,)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         now = time.perf_counter()
-        if step == 0:
+        if n == 0:
             timing.prefill_s = now - start
         else:
             timing.decode_s = now - start
@@ -186,14 +236,13 @@ def iter_tokens(
         if seen is not None:
             seen[torch.arange(B, device=device), token] = True
         done = done | torch.isin(token, eos)
-        if bool(done.all()) or step == budget - 1:
+        if bool(done.all()) or n == budget - 1:
             break
-        if padded:
+        if padded and not encdec:
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-        if step == 0:
+        if n == 0:
             start = time.perf_counter()
-        logits = model(token[:, None], attention_mask=mask if padded else None, cache=cache,
-                       last_only=True).logits[:, -1]
+        logits = step(model, token, mask if padded and not encdec else None, cache)
 
 
 def generate_ids(model, prompts: list[list[int]], cfg: GenerationConfig, eos_ids=frozenset(), pad_id: int = 0,
@@ -229,9 +278,10 @@ def beam_search(model, prompt: list[int], cfg: GenerationConfig, eos_ids=frozens
         return []
     device = model.embed_tokens.weight.device
     k = cfg.num_beams
-    cache = model.new_cache(1, len(prompt) + budget)
+    cache = model.new_cache(1, cache_length(model, len(prompt), budget))
+    written = [model.config.decoder_start_token_id] if is_encoder_decoder(model) else prompt  # for the penalty
     start = time.perf_counter()
-    logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True).logits[:, -1]
+    logits = prefill(model, torch.tensor([prompt], device=device), None, cache)
     timing.prompt_tokens += len(prompt)
     timing.prefill_s += time.perf_counter() - start
     start = time.perf_counter()
@@ -241,11 +291,11 @@ def beam_search(model, prompt: list[int], cfg: GenerationConfig, eos_ids=frozens
     scores[0] = 0.0  # only one distinct beam at the start
     logits = logits.expand(k, -1)
     finished: list[tuple[float, list[int]]] = []
-    for step in range(budget):
+    for n in range(budget):
         if cfg.repetition_penalty != 1.0:
             seen = torch.zeros_like(logits, dtype=torch.bool)
             for i, b in enumerate(beams):
-                seen[i, prompt + b] = True
+                seen[i, written + b] = True
             logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
         logprobs = logits.float().log_softmax(-1) + scores[:, None]  # (k, V)
         top, flat = logprobs.view(-1).topk(2 * k)  # 2k so that k live beams survive end tokens
@@ -267,11 +317,11 @@ def beam_search(model, prompt: list[int], cfg: GenerationConfig, eos_ids=frozens
         if not next_beams:
             break
         best_live = max(next_scores) / (len(next_beams[0]) ** cfg.length_penalty)
-        if len(finished) == k and finished[-1][0] >= best_live or step == budget - 1:
+        if len(finished) == k and finished[-1][0] >= best_live or n == budget - 1:
             break
         beams, scores = next_beams, torch.tensor(next_scores, device=device)
         cache.reorder(torch.tensor(origin, device=device))
-        logits = model(torch.tensor(tokens, device=device)[:, None], cache=cache, last_only=True).logits[:, -1]
+        logits = step(model, torch.tensor(tokens, device=device), None, cache)
     for beam, score in zip(next_beams, next_scores, strict=True):
         finished.append((score / len(beam) ** cfg.length_penalty, beam))
     best = max(finished, key=lambda f: f[0])[1]

@@ -9,6 +9,7 @@ way transformers does and decodes streams without cutting multi-byte characters 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -17,11 +18,11 @@ from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
 
-from featherlm.errors import CheckpointError, GenerationError
-from featherlm.io import atomic_write_text
+from featherlm.errors import CheckpointError, ConfigError, DataError, GenerationError
+from featherlm.io import atomic_dir, atomic_write_text
 
 # Tokens that end a turn in common chat formats. Generation must stop on them even when the
 # checkpoint's single ``eos`` is another token (Llama 3: eos <|end_of_text|>, turns end <|eot_id|>).
@@ -176,6 +177,15 @@ class Tokenizer:
         """The pad id, else EOS: padded positions are masked anyway, any valid id will do."""
         pad = None if self.pad_token is None else self.token_to_id(self.pad_token)
         return pad if pad is not None else self.eos_id
+
+    @property
+    def mask_token(self) -> str | None:
+        """The masked-LM mask token named in tokenizer_config.json (``mask_token``), if any."""
+        return _content(self.config.get("mask_token"))
+
+    @property
+    def mask_id(self) -> int | None:
+        return None if self.mask_token is None else self.token_to_id(self.mask_token)
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -369,3 +379,196 @@ def _merges_from_scores(vocab: dict[str, int], scores: list[float]) -> list[tupl
         found += [(left, right, scores[index]) for left, right in pairs]
     found.sort(key=lambda m: (-m[2], -len(m[0]), -len(m[1])))
     return [(left, right) for left, right, _ in found]
+
+
+# ----- training --------------------------------------------------------------------------------
+TOKENIZER_KINDS = ("bpe", "wordpiece", "unigram", "char")
+# Special tokens of each kind by role; they take the first ids in this order. BPE follows GPT-2 (one
+# <|endoftext|> as both bos and eos) plus pad and mask, so one vocabulary serves causal and masked LM.
+# WordPiece follows BERT; its [CLS]/[SEP] double as bos/eos, the document boundaries the rest of
+# featherlm reads from bos/eos. Unigram and char follow SentencePiece's <unk> <s> </s>.
+_SPM_ROLES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+              "mask_token": "<mask>"}
+SPECIAL_ROLES: dict[str, dict[str, str]] = {
+    "bpe": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+            "mask_token": "<|mask|>"},
+    "wordpiece": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                  "mask_token": "[MASK]", "bos_token": "[CLS]", "eos_token": "[SEP]"},
+    "unigram": _SPM_ROLES,
+    "char": _SPM_ROLES,
+}
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+
+
+def train_tokenizer(files: str | Path | Sequence[str | Path], kind: str, vocab_size: int | None, *,
+                    out: str | Path | None = None, special_tokens: Sequence[str] | None = None,
+                    min_frequency: int = 2, lowercase: bool | None = None, progress: bool = False) -> Tokenizer:
+    """Train a tokenizer on plain-text files (one or more; read line by line) and optionally save it.
+
+    ``kind``: "bpe" (GPT-2 byte-level BPE: every byte is in the vocabulary, so no text is ever
+    unknown and ``decode(encode(x)) == x``), "wordpiece" (BERT: normaliser, ``##`` subwords,
+    [CLS] x [SEP] added by ``encode``; it splits CJK characters apart and drops whitespace, so
+    decoding gives the normalised words joined by spaces; its trainer keeps every character of the
+    corpus, so a corpus with more distinct characters than ``vocab_size`` allows gets a larger
+    vocabulary), "unigram" (SentencePiece-style with
+    ``▁`` for spaces; characters never seen in training become <unk>) or "char" (one id per
+    character seen, every one kept regardless of ``min_frequency``; ``vocab_size`` None keeps all).
+    ``special_tokens`` are added after the kind's own (see ``SPECIAL_ROLES``). ``lowercase``
+    defaults to True for wordpiece (BERT uncased: lowercase and strip accents), else False. With
+    ``out`` the folder (tokenizer.json + tokenizer_config.json) is written atomically; an existing
+    tokenizer folder is replaced, any other non-empty folder refused.
+    """
+    if kind not in TOKENIZER_KINDS:
+        raise ConfigError(f"unknown tokenizer kind {kind!r} (choose from {', '.join(TOKENIZER_KINDS)})")
+    paths = _training_files(files)
+    lowercase = (kind == "wordpiece") if lowercase is None else bool(lowercase)
+    roles = SPECIAL_ROLES[kind]
+    specials = list(dict.fromkeys([*roles.values(), *(special_tokens or [])]))
+    if out is not None:
+        _check_out(Path(out))
+    if kind == "char":
+        counts: Counter[str] = Counter()
+        for path in paths:
+            for chunk in _read_chunks(path):
+                counts.update(chunk)
+        return char_tokenizer(counts, vocab_size=vocab_size, special_tokens=special_tokens, lowercase=lowercase,
+                              out=out)
+    if vocab_size is None or vocab_size <= len(specials):
+        raise ConfigError(f"--vocab-size must exceed the {len(specials)} special tokens for a {kind} tokenizer")
+    if kind == "bpe" and vocab_size < 256 + len(specials):
+        raise ConfigError(f"a byte-level BPE vocabulary holds 256 bytes and {len(specials)} special tokens: "
+                          f"--vocab-size must be at least {256 + len(specials)}")
+    backend, trainer = _untrained(kind, vocab_size, specials, min_frequency, lowercase, progress)
+    try:
+        backend.train([str(p) for p in paths], trainer)
+    except Exception as e:  # the Rust trainer raises plain Exception (bad UTF-8, too small a vocabulary)
+        message = " ".join(str(e).split())
+        if "utf-8" in message.lower() or "utf8" in message.lower():
+            raise DataError(", ".join(map(str, paths)), None, f"not UTF-8 text ({message})") from None
+        if "contain all chars" in message:
+            message += " (the corpus has more distinct characters than that: raise --vocab-size)"
+        raise ConfigError(f"cannot train a {kind} tokenizer with vocab_size {vocab_size}: {message}") from None
+    if kind == "wordpiece":
+        cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+        backend.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return _finish(backend, kind, roles, lowercase, out)
+
+
+def char_tokenizer(chars: Iterable[str] | Counter[str], *, vocab_size: int | None = None,
+                   special_tokens: Sequence[str] | None = None, lowercase: bool = False,
+                   out: str | Path | None = None) -> Tokenizer:
+    """A character-level tokenizer over ``chars`` (strings whose characters are counted, or a Counter).
+
+    Ids: the special tokens (``SPECIAL_ROLES["char"]`` then ``special_tokens``), then characters
+    in code-point order, so the same corpus always gives the same ids. With ``vocab_size`` only the
+    most frequent characters are kept and the rest become <unk>.
+    """
+    counts = chars if isinstance(chars, Counter) else Counter(c for text in chars for c in text)
+    if lowercase:
+        lowered: Counter[str] = Counter()
+        for c, n in counts.items():
+            lowered.update({low: n for low in c.lower()})
+        counts = lowered
+    roles = SPECIAL_ROLES["char"]
+    specials = list(dict.fromkeys([*roles.values(), *(special_tokens or [])]))
+    kept = [c for c in counts if c not in specials]
+    if vocab_size:
+        if vocab_size <= len(specials):
+            raise ConfigError(f"--vocab-size must exceed the {len(specials)} special tokens")
+        kept = sorted(kept, key=lambda c: (-counts[c], c))[: vocab_size - len(specials)]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for c in sorted(kept):
+        vocab.setdefault(c, len(vocab))
+    backend = Backend(models.WordLevel(vocab, unk_token=roles["unk_token"]))
+    if lowercase:
+        backend.normalizer = normalizers.Lowercase()
+    # one pre-token per code point (newlines too); Fuse joins the characters back without spaces
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if out is not None:
+        _check_out(Path(out))
+    return _finish(backend, "char", roles, lowercase, out)
+
+
+def _untrained(kind: str, vocab_size: int, specials: list[str], min_frequency: int, lowercase: bool,
+               progress: bool) -> tuple[Backend, Any]:
+    """An empty pipeline of ``kind`` and the trainer that fills its model."""
+    common = {"vocab_size": vocab_size, "special_tokens": specials, "show_progress": progress}
+    if kind == "bpe":
+        backend = Backend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's regex, bytes
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(min_frequency=min_frequency, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      **common)
+    elif kind == "wordpiece":
+        backend = Backend(models.WordPiece(unk_token="[UNK]"))
+        # BERT's normaliser: drop control characters, spaces around CJK characters (each one a word),
+        # and for uncased vocabularies lowercase + strip accents
+        backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                        strip_accents=lowercase, lowercase=lowercase)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(min_frequency=min_frequency, continuing_subword_prefix="##", **common)
+    else:  # unigram
+        backend = Backend(models.Unigram())
+        # spaces become ▁ and one ▁ is prepended in the normaliser (as Llama's tokenizer.json does), so
+        # a leading space survives: the decoder strips exactly the prepended one. No NFKC here
+        # (SentencePiece's default): it rewrites full-width CJK punctuation and the round trip must
+        # give the text back; `featherlm data prepare` normalises beforehand instead.
+        steps = [normalizers.Lowercase()] if lowercase else []
+        backend.normalizer = normalizers.Sequence([*steps, normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        trainer = trainers.UnigramTrainer(unk_token="<unk>", initial_alphabet=["\n", "\t"], **common)
+    if lowercase and kind == "bpe":
+        backend.normalizer = normalizers.Lowercase()
+    return backend, trainer
+
+
+def _finish(backend: Backend, kind: str, roles: dict[str, str], lowercase: bool, out: str | Path | None) -> Tokenizer:
+    """Wrap a trained pipeline with its special-token roles, and save it when ``out`` is given."""
+    extra = {k: v for k, v in roles.items() if k not in _SPECIAL_NAMES}  # mask, cls, sep
+    config = {**extra, "do_lower_case": lowercase, "clean_up_tokenization_spaces": kind == "wordpiece",
+              "featherlm_kind": kind}
+    names = {k: roles.get(k) for k in _SPECIAL_NAMES}
+    tok = Tokenizer(backend, **names, config=config, source=f"trained {kind} tokenizer")
+    if out is not None:
+        with atomic_dir(out) as tmp:
+            tok.save(tmp)
+        tok.source = str(out)
+    return tok
+
+
+def _training_files(files: str | Path | Sequence[str | Path]) -> list[Path]:
+    paths = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
+    if not paths:
+        raise ConfigError("no training files given")
+    for path in paths:
+        if not path.is_file():
+            raise DataError(path, None, "no such file" if not path.exists() else "not a file")
+    return paths
+
+
+def _read_chunks(path: Path, size: int = 1 << 20) -> Iterable[str]:
+    """A text file in 1M-character pieces (corpora larger than memory stream through)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            while chunk := f.read(size):
+                yield chunk
+    except UnicodeDecodeError as e:
+        raise DataError(path, None, f"not UTF-8 text (byte {e.start} of a read block)") from None
+
+
+def _check_out(out: Path) -> None:
+    """The output folder may be new, empty, or an earlier tokenizer folder (which is replaced); a folder
+    with other files is refused, since the atomic swap would delete them."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    if out.is_dir():
+        others = [p.name for p in out.iterdir() if p.name not in _TOKENIZER_FILES]
+        if others:
+            raise ConfigError(f"{out}: folder is not empty ({', '.join(sorted(others)[:3])}...); "
+                              "choose a new folder or an earlier tokenizer folder")

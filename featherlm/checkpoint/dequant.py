@@ -41,6 +41,37 @@ def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...], *, nam
     return out.reshape(shape)
 
 
+INT4_TYPES = (GGML.Q4_0, GGML.Q4_1, GGML.Q4_K)  # 4-bit codes in groups of 32: w = scale * code + minimum
+
+
+def int4_blocks(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], *, name: str = "tensor"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode a Q4_0 / Q4_1 / Q4_K matrix (N, K) into its 4-bit codes without dequantising them.
+
+    Returns ``codes`` (N, K) uint8 in 0..15 and ``scale``, ``minimum`` (N, K/32) float32 such that
+    ``scale * codes + minimum`` (per group of 32 along K) is exactly what ``dequantize`` gives: Q4_1
+    is (d, m), Q4_0 is (d, -8d), and Q4_K's sub-blocks are (d * sc, -dmin * mn), products of an fp16
+    and a 6-bit integer, exact in float32.
+    """
+    qtype = GGML(ggml_type)
+    if qtype not in INT4_TYPES:
+        raise CheckpointError(name, f"tensor type {qtype.name} has no 4-bit codes (expected Q4_0, Q4_1 or Q4_K)")
+    n, k = shape
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if k % block or raw.numel() != n * k // block * type_size:
+        raise CheckpointError(name, f"{raw.numel()} bytes of {qtype.name} do not fit shape {list(shape)}")
+    b = raw.reshape(-1, type_size)  # (n_blocks, bytes per block)
+    if qtype == GGML.Q4_K:
+        scale, minimum = _q4_k_scales(b)  # (n_blocks, 8) each
+        codes = _nibbles(b[:, 16:].reshape(-1, 4, 32))  # (n_blocks, 4, 64): 2 sub-blocks of 32 per row
+        minimum = -minimum
+    else:
+        codes = _nibbles(b[:, 4 if qtype == GGML.Q4_1 else 2:])  # (n_blocks, 32)
+        scale = _f16(b, 0)  # (n_blocks, 1)
+        minimum = _f16(b, 2) if qtype == GGML.Q4_1 else -8 * scale
+    return codes.reshape(n, k), scale.reshape(n, k // 32), minimum.reshape(n, k // 32)
+
+
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """Half-precision scale stored at byte ``start`` of each block -> (n_blocks, 1) float32."""
     return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
@@ -63,17 +94,22 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:  # 32 x 4-bit * scale + min
     return _f16(b, 0) * _nibbles(b[:, 4:]).float() + _f16(b, 2)
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
-    """256 values in 8 sub-blocks of 32, each with a 6-bit scale and min packed into 12 bytes."""
+def _q4_k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's per-sub-block scale d * sc and min dmin * mn: (n, 8) each; 6-bit sc, mn packed in 12 bytes."""
     n = b.shape[0]
     s = b[:, 4:16].reshape(n, 3, 4)
     lo, hi, mix = s[:, 0], s[:, 1], s[:, 2]  # (n, 4) each
     scale = torch.cat([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], dim=1).float()  # (n, 8)
     mins = torch.cat([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], dim=1).float()
-    d = (_f16(b, 0) * scale).reshape(n, 8, 1)
-    dm = (_f16(b, 2) * mins).reshape(n, 8, 1)
+    return _f16(b, 0) * scale, _f16(b, 2) * mins
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    """256 values in 8 sub-blocks of 32, each with a 6-bit scale and min packed into 12 bytes."""
+    n = b.shape[0]
+    d, dm = _q4_k_scales(b)
     q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).float()  # 32 bytes -> 2 sub-blocks
-    return (d * q - dm).reshape(n, 256)
+    return (d.reshape(n, 8, 1) * q - dm.reshape(n, 8, 1)).reshape(n, 256)
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 import torch
 
-from featherlm.checkpoint.dequant import dequantize
+from featherlm.checkpoint.dequant import INT4_TYPES, dequantize, int4_blocks
 from featherlm.errors import CheckpointError
 
 if TYPE_CHECKING:  # the tokenizer is built on demand (imports flow tokenizer -> checkpoint lazily)
@@ -167,6 +167,61 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     tokenizer = Tokenizer.from_gguf(tok_meta, source=str(path)) if "model" in tok_meta else None
     other = {k: v for k, v in meta.items() if not k.startswith("tokenizer.")}
     return GGUFCheckpoint(path, arch, hf_config, state_dict, tokenizer, tok_meta, other)
+
+
+def read_gguf_int4(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The 4-bit matrices of a GGUF file (Q4_0 / Q4_1 / Q4_K) as ``(codes, scale, minimum)`` by HF name.
+
+    ``codes`` (N, K) uint8, ``scale`` and ``minimum`` (N, K/32) float32, with ``scale * codes + minimum``
+    equal to the dequantised tensor ``read_gguf`` gives (rows of q/k in HF order, like there).
+    """
+    path = Path(path)
+    out = {}
+    with _open(path) as buf, _one_thread():
+        meta, infos = _parse_header(buf, path)
+        arch = meta.get("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(path, f"unsupported architecture {arch!r} "
+                                        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        permute = SUPPORTED_ARCHITECTURES[arch][1]
+        for info in infos:
+            if info.ggml_type not in INT4_TYPES or len(info.shape) != 2:
+                continue
+            raw = torch.frombuffer(bytearray(buf[info.offset:info.offset + info.n_bytes]), dtype=torch.uint8)
+            parts = int4_blocks(raw, info.ggml_type, info.shape, name=f"{path} (tensor {info.name})")
+            kind = info.name.split(".")[-2]
+            if permute and kind in ("attn_q", "attn_k"):
+                key = "attention.head_count" if kind == "attn_q" else "attention.head_count_kv"
+                heads = meta.get(f"{arch}.{key}", meta.get(f"{arch}.attention.head_count"))
+                parts = tuple(unpermute_rope(t, heads) for t in parts)  # rows move whole: codes and scales alike
+            out[_hf_name(path, info.name)] = parts
+    return out
+
+
+def load_int4_linears(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """Swap each linear of ``model`` whose GGUF tensor is 4-bit for an ``Int4Linear`` holding the file's
+    own codes and scales (no re-quantisation); returns the swapped module names. Other linears (Q6_K,
+    Q8_0, F16... in the file) keep their float weights, and so do the embedding table and the output
+    layer (``featherlm.model.quant.KEEP_FLOAT``)."""
+    from featherlm.checkpoint.hf import hf_to_featherlm
+    from featherlm.model.quant import KEEP_FLOAT, Int4Linear, replace_module
+
+    done = []
+    with _one_thread():  # packing is element-wise work: see the module docstring
+        for hf_name, (codes, scale, minimum) in read_gguf_int4(path).items():
+            renamed = hf_to_featherlm({hf_name: codes}, model.config, where=str(path))  # {}: a tied lm_head
+            if len(renamed) != 1:
+                continue
+            module_name = next(iter(renamed)).removesuffix(".weight")
+            if module_name in KEEP_FLOAT:
+                continue
+            module = model.get_submodule(module_name)
+            if not isinstance(module, torch.nn.Linear) or tuple(module.weight.shape) != tuple(codes.shape):
+                continue  # the embedding table (a lookup, not a matmul)
+            layer = Int4Linear(codes, scale, minimum, bias=module.bias).to(module.weight.device)
+            replace_module(model, module_name, layer)
+            done.append(module_name)
+    return done
 
 
 def tokenizer_metadata(meta: dict[str, Any]) -> dict[str, Any]:

@@ -3,11 +3,13 @@
 Reading accepts ``model.safetensors`` or a sharded ``model.safetensors.index.json``. The name maps
 are explicit tables (as in nanoGPT's GPT-2 loader): HF name pattern -> featherlm name, with the
 layer number as ``{}``. GPT-2's fused ``c_attn`` and its Conv1D (in, out) weights are the only
-places where tensors change shape.
+places where tensors change shape. T5 keeps one embedding table (``shared``) for encoder, decoder
+and (when tied) output; featherlm's names hold it as ``encoder.embed_tokens`` and its alias.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import struct
@@ -17,13 +19,14 @@ import torch
 from safetensors import safe_open
 
 from featherlm.config import ModelConfig
-from featherlm.errors import CheckpointError
+from featherlm.errors import CheckpointError, ConfigError
 
 # ----------------------------------------------------------------------------- configs
 
 ACTIVATION_FROM_HF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                       "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "smollm3")
+T5_LIKE = ("t5", "mt5")  # mT5 is T5 v1.1 with a bigger vocabulary
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
@@ -69,10 +72,47 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
                 type_vocab_size=hf.get("type_vocab_size", 2), embed_norm=True, final_norm=False, pooler=True,
                 norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id", 0),
             )
+        if kind in T5_LIKE:
+            return _t5_config(hf, where)
     except KeyError as e:
         raise CheckpointError(where, f"missing field {e.args[0]!r} for model_type {kind!r}") from None
     raise CheckpointError(where, f"unsupported architecture: model_type {kind!r} (supported: "
-                                 f"{', '.join(LLAMA_LIKE)}, gpt2, bert)")
+                                 f"{', '.join(LLAMA_LIKE)}, gpt2, bert, {', '.join(T5_LIKE)})")
+
+
+def _t5_config(hf: dict, where: str) -> ModelConfig:
+    """T5, T5 v1.1, flan-t5, mT5. ``feed_forward_proj`` is "relu" or "gated-gelu" ("gated-" + any
+    activation). Tying: transformers 4 ties and rescales the output together (``tie_word_embeddings``);
+    transformers 5 writes ``scale_decoder_outputs`` apart, and unties when the weights hold a distinct
+    ``lm_head`` (``untie_t5`` does that here, once the weights are read)."""
+    proj = hf.get("feed_forward_proj", "relu")
+    gated, _, act = proj.rpartition("-")
+    if gated not in ("", "gated") or (act if proj != "gated-gelu" else "gelu_new") not in ACTIVATION_FROM_HF:
+        raise CheckpointError(where, f"unsupported T5 feed_forward_proj {proj!r} (expected relu, gated-gelu, ...)")
+    tied = bool(hf.get("tie_word_embeddings", True))
+    pad = hf.get("pad_token_id", 0)
+    return ModelConfig(
+        family="t5", encoder_decoder=True, n_layer=hf["num_layers"],
+        n_decoder_layer=hf.get("num_decoder_layers") or hf["num_layers"], n_head=hf["num_heads"],
+        n_kv_head=hf["num_heads"], d_model=hf["d_model"], head_dim=hf["d_kv"], d_ff=hf["d_ff"],
+        vocab_size=hf["vocab_size"], max_seq_len=hf.get("n_positions", 512), position="relative",
+        relative_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_max_distance=hf.get("relative_attention_max_distance", 128),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+        mlp="gated" if gated else "plain", activation=ACTIVATION_FROM_HF["gelu_new" if proj == "gated-gelu" else act],
+        attn_scale=False, tie_embeddings=tied, scale_output=bool(hf.get("scale_decoder_outputs", tied)),
+        initializer_range=hf.get("initializer_factor", 1.0), pad_token_id=pad, eos_token_id=hf.get("eos_token_id", 1),
+        decoder_start_token_id=hf.get("decoder_start_token_id", pad),
+    )
+
+
+def untie_t5(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> ModelConfig:
+    """A T5 config whose weights carry an ``lm_head`` different from ``shared`` is untied, whatever the
+    config says (transformers 5 forces tie_word_embeddings=True in T5 configs and decides so too)."""
+    head, shared = hf_state.get("lm_head.weight"), hf_state.get("shared.weight")
+    if cfg.family != "t5" or not cfg.tie_embeddings or head is None or shared is None or torch.equal(head, shared):
+        return cfg
+    return dataclasses.replace(cfg, tie_embeddings=False)
 
 
 def _rope_scaling(hf: dict) -> dict | None:
@@ -87,6 +127,24 @@ def _rope_scaling(hf: dict) -> dict | None:
 def config_to_hf(cfg: ModelConfig) -> dict:
     """The transformers config.json for a ModelConfig (export)."""
     ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    if cfg.family == "t5":
+        act = {"gelu_tanh": "gelu_new"}.get(cfg.activation, cfg.activation)
+        if cfg.mlp == "gated" and act in ("gelu_new", "gelu"):
+            if act == "gelu":  # transformers reads "gated-gelu" as the tanh approximation
+                raise ConfigError("a gated T5 MLP with exact GELU has no transformers equivalent (use gelu_tanh)")
+            proj = "gated-gelu"
+        else:
+            proj = ("gated-" if cfg.mlp == "gated" else "") + act
+        return dict(
+            architectures=["T5ForConditionalGeneration"], model_type="t5", d_model=cfg.d_model, d_kv=cfg.head_dim,
+            d_ff=cfg.d_ff, num_layers=cfg.n_layer, num_decoder_layers=cfg.n_decoder_layer, num_heads=cfg.n_head,
+            relative_attention_num_buckets=cfg.relative_buckets,
+            relative_attention_max_distance=cfg.relative_max_distance, layer_norm_epsilon=cfg.norm_eps,
+            feed_forward_proj=proj, tie_word_embeddings=cfg.tie_embeddings, scale_decoder_outputs=cfg.scale_output,
+            initializer_factor=cfg.initializer_range, vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len,
+            is_encoder_decoder=True, decoder_start_token_id=cfg.decoder_start_token_id, torch_dtype="float32",
+            **{k: v for k, v in ids.items() if v is not None},
+        )
     if cfg.family == "llama":
         act = {"gelu_tanh": "gelu_pytorch_tanh"}.get(cfg.activation, cfg.activation)
         return dict(
@@ -156,8 +214,46 @@ for _hf, _ours in {"attention.self.query": "self_attn.q_proj", "attention.self.k
     for _p in ("weight", "bias"):
         BERT_NAMES[f"encoder.layer.{{}}.{_hf}.{_p}"] = f"layers.{{}}.{_ours}.{_p}"
 
-NAME_MAPS = {"llama": LLAMA_NAMES, "gpt2": GPT2_NAMES, "bert": BERT_NAMES}
-PREFIXES = {"llama": ("model.",), "gpt2": ("transformer.",), "bert": ("bert.",)}
+# T5: "encoder.block.N.layer.0.SelfAttention.q" etc. Layer 0 is self-attention in both stacks; the
+# decoder's layer 1 is cross-attention (EncDecAttention), so its MLP is layer 2 (the encoder's: 1).
+# Only block 0 holds the relative position bias (featherlm keeps it on the stack, where it is used).
+T5_NAMES = {
+    "shared.weight": "encoder.embed_tokens.weight",
+    "encoder.embed_tokens.weight": "encoder.embed_tokens.weight",  # aliases of `shared` that some files hold
+    "decoder.embed_tokens.weight": "encoder.embed_tokens.weight",
+    "lm_head.weight": "decoder.lm_head.weight",
+}
+for _stack, _mlp in (("encoder", 1), ("decoder", 2)):
+    T5_NAMES[f"{_stack}.final_layer_norm.weight"] = f"{_stack}.norm.weight"
+    T5_NAMES[f"{_stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
+        f"{_stack}.relative_attention_bias.weight"
+    _layers = {"layer.0.layer_norm": "input_layernorm", f"layer.{_mlp}.layer_norm": "post_attention_layernorm",
+               **{f"layer.0.SelfAttention.{p}": f"self_attn.{p}_proj" for p in "qkvo"},
+               f"layer.{_mlp}.DenseReluDense.wi": "mlp.up_proj", f"layer.{_mlp}.DenseReluDense.wi_0": "mlp.gate_proj",
+               f"layer.{_mlp}.DenseReluDense.wi_1": "mlp.up_proj", f"layer.{_mlp}.DenseReluDense.wo": "mlp.down_proj"}
+    if _stack == "decoder":
+        _layers["layer.1.layer_norm"] = "cross_attn_layernorm"
+        _layers.update({f"layer.1.EncDecAttention.{p}": f"cross_attn.{p}_proj" for p in "qkvo"})
+    for _hf, _ours in _layers.items():
+        T5_NAMES[f"{_stack}.block.{{}}.{_hf}.weight"] = f"{_stack}.layers.{{}}.{_ours}.weight"
+
+NAME_MAPS = {"llama": LLAMA_NAMES, "gpt2": GPT2_NAMES, "bert": BERT_NAMES, "t5": T5_NAMES}
+PREFIXES = {"llama": ("model.",), "gpt2": ("transformer.",), "bert": ("bert.",), "t5": ()}
+
+
+def reverse_names(cfg: ModelConfig) -> dict[str, str]:
+    """featherlm name (pattern) -> HF name. Where several HF names map to one of ours, the one to write:
+    T5's ``shared`` (not its aliases), and the MLP's ``wi`` (plain) or ``wi_1`` (gated)."""
+    reverse = {v: k for k, v in NAME_MAPS[cfg.family].items()}
+    if cfg.family == "t5":
+        reverse["encoder.embed_tokens.weight"] = "shared.weight"
+        for stack, mlp in (("encoder", 1), ("decoder", 2)):
+            wi = "wi_1" if cfg.mlp == "gated" else "wi"
+            hf = f"{stack}.block.{{}}.layer.{mlp}.DenseReluDense.{wi}.weight"
+            reverse[f"{stack}.layers.{{}}.mlp.up_proj.weight"] = hf
+    return reverse
+
+
 # Buffers and heads that HF files carry but featherlm does not use (yet): skipped, not an error.
 IGNORED = re.compile(r"(position_ids|rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$|^(cls|classifier|score)\.")
 LAYER = re.compile(r"\.(\d+)\.")
@@ -181,6 +277,8 @@ def hf_to_featherlm(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str
                 name = name[len(prefix):]
                 break
         pattern, layer = _pattern(name)
+        if name in names:  # an exact name (T5's block-0 position bias) before the per-layer patterns
+            pattern, layer = name, None
         if cfg.family == "gpt2" and any(pattern.endswith(s + ".weight") for s in GPT2_CONV1D):
             tensor = tensor.t()
         if cfg.family == "gpt2" and pattern.startswith("h.{}.attn.c_attn."):
@@ -199,18 +297,23 @@ def hf_to_featherlm(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str
         raise CheckpointError(where, f"unexpected weights for a {cfg.family} model: {shown}")
     if cfg.tie_embeddings:
         out.pop("lm_head.weight", None)
+        out.pop("decoder.lm_head.weight", None)
     return out
 
 
 def featherlm_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Inverse of hf_to_featherlm, giving names ``transformers`` loads into its *ForCausalLM / BertModel."""
-    reverse = {v: k for k, v in NAME_MAPS[cfg.family].items()}
-    prefix = {"llama": "model.", "gpt2": "transformer.", "bert": ""}[cfg.family]
+    reverse = reverse_names(cfg)
+    prefix = {"llama": "model.", "gpt2": "transformer.", "bert": "", "t5": ""}[cfg.family]
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         pattern, layer = _pattern(name)
         if cfg.family == "gpt2" and pattern.split(".")[-2] in GPT2_QKV:
             continue  # fused into c_attn below
+        if cfg.family == "t5" and name == "decoder.embed_tokens.weight":
+            continue  # the alias of `shared`
+        if name in reverse:
+            pattern, layer = name, None
         hf = reverse[pattern]
         hf = hf.format(layer) if layer is not None else hf
         if cfg.family == "gpt2" and any(hf.endswith(s + ".weight") for s in GPT2_CONV1D):

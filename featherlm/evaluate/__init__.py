@@ -56,7 +56,9 @@ def evaluate(run: str | Path, data: str | Path | None = None, *, checkpoint: str
     """Score a fine-tuning run's checkpoint on ``data`` (default: the run's own eval data).
 
     Classification runs give the ``evaluate_classifier`` metrics; sft and lm runs give ``loss``,
-    ``perplexity`` and ``tokens``. The run's config decides columns, format and lengths.
+    ``perplexity`` and ``tokens``; ner runs entity precision / recall / F1 (overall and
+    ``per_type``) and word accuracy; qa runs ``exact_match`` and ``f1`` in percent. The run's config
+    decides columns, format and lengths.
     """
     from featherlm.errors import ConfigError
     from featherlm.train import load_run
@@ -103,5 +105,24 @@ def classify(model, tokenizer, texts: list[str], *, max_seq_len: int = 128) -> l
     return out
 
 
-__all__ = ["accuracy", "classification_metrics", "classify", "confusion_matrix", "evaluate", "evaluate_classifier",
-           "macro_scores", "per_class", "perplexity"]
+def predict_entities(model, tokenizer, texts: list[str], **options: Any) -> list[list[dict[str, Any]]]:
+    """Entities in each text with a ``TokenClassifier`` (NER run): ``[[{"entity", "type", "start", "end",
+    "text", "score"}, ...], ...]``, character spans into each text. Options and details:
+    ``featherlm.evaluate.predict.predict_entities`` (imported on call: this package's import stays light)."""
+    from featherlm.evaluate.predict import predict_entities as run
+
+    return run(model, tokenizer, texts, **options)
+
+
+def answer_questions(model, tokenizer, questions: list[str], contexts: list[str],
+                     **options: Any) -> list[dict[str, Any]]:
+    """The answer to each question in its context with a ``SpanExtractor`` (QA run): ``[{"answer", "start",
+    "end", "score"}, ...]``, ``context[start:end] == answer``. Options and details:
+    ``featherlm.evaluate.predict.answer_questions``."""
+    from featherlm.evaluate.predict import answer_questions as run
+
+    return run(model, tokenizer, questions, contexts, **options)
+
+
+__all__ = ["accuracy", "answer_questions", "classification_metrics", "classify", "confusion_matrix", "evaluate",
+           "evaluate_classifier", "macro_scores", "per_class", "perplexity", "predict_entities"]

@@ -1,4 +1,5 @@
-"""Task heads on top of the one ``Transformer``: sequence classification.
+"""Task heads on top of the one ``Transformer``: sequence classification, token classification (NER),
+span extraction (extractive QA).
 
 The head wraps a backbone instead of subclassing it, so every family (BERT encoder, Llama or
 GPT-2 decoder) gets the same head, and the backbone keeps its parameter names under ``backbone.``:
@@ -87,6 +88,53 @@ class SequenceClassifier(nn.Module):
         out = self.backbone(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         h = self.pool(out.hidden, attention_mask, out.pooled)  # (B, C)
         return self.classifier(self.dropout(h))  # (B, L)
+
+
+class TokenClassifier(nn.Module):
+    """``backbone`` -> final hidden states (B, T, C) -> dropout -> ``classifier`` -> logits (B, T, L):
+    one label per token (named entities), as transformers' ``BertForTokenClassification``."""
+
+    def __init__(self, backbone: Transformer, labels: list[str], dropout: float = 0.1) -> None:
+        super().__init__()
+        if len(labels) < 2:
+            raise ConfigError(f"a token classifier needs at least 2 labels, got {labels!r}")
+        self.backbone = backbone
+        self.labels = list(labels)
+        self.dropout = nn.Dropout(dropout)  # BERT's default: regularises the fresh classifier
+        self.classifier = nn.Linear(backbone.config.d_model, len(labels))
+        nn.init.normal_(self.classifier.weight, std=backbone.config.initializer_range)  # first logits near 0
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token
+        token_type_ids: torch.Tensor | None = None,  # (B, T)
+    ) -> torch.Tensor:
+        hidden = self.backbone(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).hidden
+        return self.classifier(self.dropout(hidden))  # (B, T, L)
+
+
+class SpanExtractor(nn.Module):
+    """``backbone`` -> final hidden states (B, T, C) -> ``qa_outputs`` Linear(C, 2) -> start and end logits
+    (B, T) each: extractive QA, as transformers' ``BertForQuestionAnswering`` (no dropout there either)."""
+
+    def __init__(self, backbone: Transformer) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.qa_outputs = nn.Linear(backbone.config.d_model, 2)
+        nn.init.normal_(self.qa_outputs.weight, std=backbone.config.initializer_range)
+        nn.init.zeros_(self.qa_outputs.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token
+        token_type_ids: torch.Tensor | None = None,  # (B, T) 0 = question, 1 = context (BERT segments)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.backbone(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).hidden
+        logits = self.qa_outputs(hidden)  # (B, T, 2)
+        return logits[..., 0], logits[..., 1]  # (B, T) start, (B, T) end
 
 
 def resolve_pooling(pooling: str, causal: bool, has_pooler: bool) -> str:

@@ -130,6 +130,27 @@ def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
     return table
 
 
+def relative_buckets(distance: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bucket of each key-minus-query distance (any shape, long) -> same shape, in 0..num_buckets-1.
+
+    Half the buckets hold exact small distances, the other half logarithmically wider ranges up to
+    ``max_distance`` (farther ones share the last bucket): nearby order matters more than far order.
+    An encoder (bidirectional) spends half its buckets on keys after the query; a decoder sees only
+    keys before it, so every bucket describes the past.
+    """
+    bucket = torch.zeros_like(distance)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (distance > 0).long() * num_buckets  # keys after the query: the upper half
+        distance = distance.abs()
+    else:
+        distance = (-distance).clamp(min=0)  # how far in the past; future keys are masked anyway
+    exact = num_buckets // 2
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (num_buckets - exact)).long()).clamp(max=num_buckets - 1)
+    return bucket + torch.where(distance < exact, distance, far)
+
+
 # ----------------------------------------------------------------------------- KV cache
 
 
@@ -149,6 +170,11 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.length = 0
+        # Decoders with cross-attention: the encoder output's keys and values per layer (B, Hkv, S_enc, D),
+        # computed on the first forward and reused by every decoding step, and the encoder's padding.
+        self.cross_keys: list[torch.Tensor | None] = [None] * config.n_layer
+        self.cross_values: list[torch.Tensor | None] = [None] * config.n_layer
+        self.cross_mask: torch.Tensor | None = None  # bool (B, 1, 1, S_enc); None: no padding
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new k, v (B, Hkv, T, D) at the current length; return all filled positions."""
@@ -163,25 +189,37 @@ class KVCache:
         """Select batch rows (beam search keeps the surviving beams)."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+        self.cross_keys = [None if k is None else k.index_select(0, index) for k in self.cross_keys]
+        self.cross_values = [None if v is None else v.index_select(0, index) for v in self.cross_values]
+        if self.cross_mask is not None:
+            self.cross_mask = self.cross_mask.index_select(0, index)
 
 
 # ----------------------------------------------------------------------------- attention and MLP
 
 
 class Attention(nn.Module):
-    """Multi-head (or grouped-query) attention with separate q/k/v projections."""
+    """Multi-head (or grouped-query) attention with separate q/k/v projections.
 
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    ``cross``: keys and values come from another sequence (the encoder's output, ``memory``), with
+    no positions and no causality; with a cache they are computed once and kept there.
+    ``mask`` is boolean (True = may attend) or a float bias added to the scores (T5's relative
+    position bias with padding and causality folded in as large negative values).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int, cross: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.cross = cross
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         c, d = config.d_model, config.head_dim
         self.q_proj = Linear(c, self.n_head * d, bias=config.attn_bias)
         self.k_proj = Linear(c, self.n_kv_head * d, bias=config.attn_bias)
         self.v_proj = Linear(c, self.n_kv_head * d, bias=config.attn_bias)
         self.o_proj = Linear(self.n_head * d, c, bias=config.o_bias)
-        self.use_rope = config.position == "rope"
-        self.causal = config.causal
+        self.use_rope = config.position == "rope" and not cross
+        self.causal = config.causal and not cross
+        self.scale = None if config.attn_scale else 1.0  # None: SDPA's 1/sqrt(D)
         # Hook for prompt-style PEFT (prefix tuning): a module called as kv_prefix(B) -> (k, v), each
         # (B, Hkv, P, D): extra keys/values that every query may attend to. They carry no position
         # (no RoPE) and are never written to the KV cache, so generation with a cache still works.
@@ -190,47 +228,73 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
-        mask: torch.Tensor | None,  # bool (B, 1, T, S), True = may attend; None = plain causal/full
+        mask: torch.Tensor | None,  # bool (B, 1, T, S) True = may attend, or float bias (B|1, H|1, T, S); None = plain
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
         need_weights: bool = False,
+        memory: torch.Tensor | None = None,  # (B, S, C) cross-attention: what the keys and values come from
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
-        if self.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
-            q = q.to(k.dtype)  # the cache may be fp32 under bf16 weights (see KVCache)
+        if self.cross:
+            k, v = self.memory_kv(memory, cache)  # (B, Hkv, S, D)
+        else:
+            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            if self.use_rope:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
+        q = q.to(k.dtype)  # the cache may be fp32 under bf16 weights (see KVCache)
         if self.kv_prefix is not None:
             k_pre, v_pre = self.kv_prefix(B)  # (B, Hkv, P, D) each
             P, S = k_pre.shape[2], k.shape[2]
             k, v = torch.cat([k_pre.to(k.dtype), k], dim=2), torch.cat([v_pre.to(v.dtype), v], dim=2)
             if mask is None and self.causal and T > 1:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
-            if mask is not None:  # every query may attend to the P prefix positions
-                mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)  # (B|1, 1, T|1, P+S)
+            if mask is not None:  # every query may attend to the P prefix positions (no position bias)
+                pad = mask.new_zeros if mask.is_floating_point() else mask.new_ones
+                mask = torch.cat([pad(*mask.shape[:-1], P), mask], dim=-1)  # (B|1, 1|H, T|1, P+S)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)
         gqa = self.n_kv_head != self.n_head  # grouped-query attention: each k/v head serves a group
         weights = None
         if need_weights:  # explicit softmax so the attention map can be returned
             if gqa:
                 k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, S, D)
                 v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+            scale = self.scale if self.scale is not None else 1 / math.sqrt(self.head_dim)
+            scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
             if mask is None and self.causal and T > 1:
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
+                scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
             weights = scores.float().softmax(-1).to(q.dtype)
             y = weights @ v
         else:
             is_causal = mask is None and self.causal and T > 1 and k.shape[2] == T
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa,
+                                               scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim).to(x.dtype)  # (B, T, H*D)
         return self.o_proj(y), weights
+
+    def memory_kv(self, memory: torch.Tensor | None, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values (B, Hkv, S, D) of ``memory``; with a cache, computed on the
+        first call of a sequence and reused by the decoding steps (which pass no memory)."""
+        i = self.layer_idx
+        if memory is None:
+            if cache is None or cache.cross_keys[i] is None:
+                raise ValueError("cross-attention needs the encoder output (memory) or a cache that holds it")
+            return cache.cross_keys[i], cache.cross_values[i]
+        B, S, _ = memory.shape
+        k = self.k_proj(memory).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = self.v_proj(memory).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            dtype = cache.keys[i].dtype
+            k, v = k.to(dtype), v.to(dtype)
+            cache.cross_keys[i], cache.cross_values[i] = k, v
+        return k, v
 
 
 class MLP(nn.Module):
@@ -252,11 +316,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer, pre-LN (GPT-2, Llama) or post-LN (BERT).
+    """One transformer layer, pre-LN (GPT-2, Llama, T5) or post-LN (BERT).
 
     Norm names say where each norm sits: ``input_layernorm`` before attention (pre-LN),
     ``post_attention_layernorm`` right after attention (pre-LN: before the MLP; post-LN: after the
-    attention residual), ``post_mlp_layernorm`` after the MLP residual (post-LN only).
+    attention residual), ``post_mlp_layernorm`` after the MLP residual (post-LN only). Decoders of
+    an encoder-decoder add ``cross_attn`` between attention and MLP, with ``cross_attn_layernorm``
+    before it (pre-LN) or after its residual (post-LN).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -265,18 +331,29 @@ class Block(nn.Module):
         if self.pre_ln:
             self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer_idx)
+        if config.cross_attention:
+            self.cross_attn_layernorm = make_norm(config)
+            self.cross_attn = Attention(config, layer_idx, cross=True)
         self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
         if not self.pre_ln:
             self.post_mlp_layernorm = make_norm(config)
 
-    def forward(self, x, mask, rope, cache, need_weights=False):
+    def forward(self, x, mask, rope, cache, need_weights=False, cross=None):
+        """``cross``: (encoder output (B, S, C) or None when the cache holds its keys/values, encoder
+        padding mask (B, 1, 1, S) or None) for blocks with cross-attention."""
         if self.pre_ln:
             a, w = self.self_attn(self.input_layernorm(x), mask, rope, cache, need_weights)
             x = x + a
+            if cross is not None:
+                memory, memory_mask = cross
+                x = x + self.cross_attn(self.cross_attn_layernorm(x), memory_mask, None, cache, memory=memory)[0]
             x = x + self.mlp(self.post_attention_layernorm(x))
         else:
             a, w = self.self_attn(x, mask, rope, cache, need_weights)
             x = self.post_attention_layernorm(x + a)
+            if cross is not None:
+                memory, memory_mask = cross
+                x = self.cross_attn_layernorm(x + self.cross_attn(x, memory_mask, None, cache, memory=memory)[0])
             x = self.post_mlp_layernorm(x + self.mlp(x))
         return x, w

@@ -3,6 +3,9 @@
 Parameter names follow Hugging Face Llama without the ``model.`` prefix (``embed_tokens``,
 ``layers.N.self_attn.q_proj``, ``layers.N.mlp.gate_proj``, ``norm``, ``lm_head``) for every family,
 so a PEFT target list means the same thing everywhere and Llama conversion is the identity.
+A ``Transformer`` is also one stack of an encoder-decoder (T5, see ``seq2seq.py``): with
+``position="relative"`` it owns T5's relative position bias, and with ``cross_attention`` its blocks
+attend to an encoder's output.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from featherlm.model.layers import (
     Linear,
     linear,
     make_norm,
+    relative_buckets,
     rope_cos_sin,
     rope_inv_freq,
     sinusoidal_table,
@@ -29,15 +33,18 @@ from featherlm.model.layers import (
 class ModelOutput:
     """What a forward pass returns.
 
-    ``logits`` (B, T, V) for decoders (only the last position when ``last_only``), None for
-    encoders; ``hidden`` (B, T, C) is the final hidden state; ``attentions`` one (B, H, T, S) per
-    layer when requested; ``pooled`` (B, C) is BERT's pooler output.
+    ``logits`` (B, T, V) for decoders (the last position only with ``last_only``, positions
+    ``logits_from``.. only with that argument), None for encoders; ``hidden`` (B, T, C) is the final
+    hidden state; ``attentions`` one (B, H, T, S) per layer when requested; ``pooled`` (B, C) is
+    BERT's pooler output; ``encoder_hidden`` (B, S, C) the encoder's output in an encoder-decoder
+    (None when a cache held it).
     """
 
     logits: torch.Tensor | None
     hidden: torch.Tensor
     attentions: list[torch.Tensor] | None = None
     pooled: torch.Tensor | None = None
+    encoder_hidden: torch.Tensor | None = None
 
 
 class Transformer(nn.Module):
@@ -52,6 +59,8 @@ class Transformer(nn.Module):
             self.register_buffer("sinusoid", sinusoidal_table(config.max_seq_len, c), persistent=False)
         elif config.position == "rope":
             self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        elif config.position == "relative":  # T5: one learned bias per (distance bucket, head), shared by all layers
+            self.relative_attention_bias = nn.Embedding(config.relative_buckets, config.n_head)
         if config.type_vocab_size:
             self.embed_token_types = nn.Embedding(config.type_vocab_size, c)
         if config.embed_norm:
@@ -122,6 +131,9 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         output_attentions: bool = False,
         last_only: bool = False,  # decoders: logits of the last position only (generation)
+        logits_from: int = 0,  # decoders: logits of positions logits_from.. only (a loss on a reply needs no more)
+        encoder_hidden: torch.Tensor | None = None,  # (B, S, C) cross-attention input; None: the cache holds it
+        encoder_mask: torch.Tensor | None = None,  # (B, S) 1 = real encoder position
     ) -> ModelOutput:
         cfg = self.config
         B, T = input_ids.shape
@@ -153,10 +165,13 @@ class Transformer(nn.Module):
             x = self.embed_norm(x)
         rope = rope_cos_sin(self.inv_freq, rope_positions, x.dtype) if cfg.position == "rope" else None
         mask = self.build_mask(attention_mask, B, new + T, cached)
+        if cfg.position == "relative":
+            mask = self.relative_bias(mask, new + T, cached)  # float (B|1, H, T, S): bias, -big where masked
+        cross = self.cross_inputs(encoder_hidden, encoder_mask, cache) if cfg.cross_attention else None
 
         attentions: list[torch.Tensor] | None = [] if output_attentions else None
         for layer in self.layers:
-            x, w = layer(x, mask, rope, cache, output_attentions)
+            x, w = layer(x, mask, rope, cache, output_attentions, cross)
             if attentions is not None:
                 attentions.append(w)
         if cache is not None:
@@ -167,7 +182,9 @@ class Transformer(nn.Module):
 
         logits = pooled = None
         if cfg.causal:
-            h = x[:, -1:] if last_only else x
+            h = x[:, -1:] if last_only else x[:, logits_from:]
+            if cfg.scale_output:  # T5 ties the unembedding to the input embedding and rescales for it
+                h = h * cfg.d_model**-0.5
             logits = linear(h, self.output_weight)  # (B, T, V)
         if cfg.pooler:
             pooled = self.pooler(x[:, 0])
@@ -203,3 +220,37 @@ class Transformer(nn.Module):
         own = torch.zeros(T, S, dtype=torch.bool, device=attention_mask.device)
         own[torch.arange(T), past + torch.arange(T)] = True
         return (keys & causal) | own
+
+    def relative_bias(self, mask: torch.Tensor | None, T: int, past: int) -> torch.Tensor:
+        """T5's position bias for queries at past..past+T-1 over keys 0..past+T-1, as a float mask
+        (B|1, H, T, S) with masked positions (padding, the future) at the dtype's lowest value.
+
+        Computed once per forward and shared by every layer, as T5 computes it in the first layer and
+        passes it on. Encoders bucket distances both ways, decoders only towards the past.
+        """
+        cfg, device = self.config, self.relative_attention_bias.weight.device
+        S = past + T
+        distance = torch.arange(S, device=device)[None, :] - torch.arange(past, S, device=device)[:, None]  # (T, S)
+        buckets = relative_buckets(distance, not cfg.causal, cfg.relative_buckets, cfg.relative_max_distance)
+        bias = self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (1, H, T, S)
+        if mask is None and cfg.causal and T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(past)[None, None]
+        if mask is not None:
+            bias = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)  # (B|1, H, T, S)
+        return bias
+
+    def cross_inputs(self, encoder_hidden: torch.Tensor | None, encoder_mask: torch.Tensor | None,
+                     cache: KVCache | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(encoder output, boolean key mask (B, 1, 1, S) or None) for the cross-attention of every block.
+
+        With a cache, the first call of a sequence brings the encoder output (its keys and values and
+        its padding mask are kept there); the decoding steps then pass neither.
+        """
+        memory_mask = None if encoder_mask is None else encoder_mask[:, None, None, :].bool()  # (B, 1, 1, S)
+        if encoder_hidden is None:
+            if cache is None or cache.cross_keys[0] is None:
+                raise ValueError("a decoder with cross-attention needs encoder_hidden (or a cache that holds it)")
+            return None, cache.cross_mask
+        if cache is not None:
+            cache.cross_mask = memory_mask
+        return encoder_hidden, memory_mask

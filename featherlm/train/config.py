@@ -19,6 +19,8 @@ from featherlm.config import from_dict
 from featherlm.errors import ConfigError
 from featherlm.peft import PeftConfig
 
+SCRATCH = "scratch:"  # model.name prefix of a new, randomly initialised model
+
 
 @dataclass
 class ModelSection:
@@ -27,6 +29,10 @@ class ModelSection:
     pooling: Literal["auto", "pooler", "cls", "mean", "last"] = "auto"  # classification (see model/heads.py)
     dropout: float = 0.1  # before the classifier
     labels: list[str] = field(default_factory=list)  # label names in id order; empty: those of the train data
+    # a new, randomly initialised model: name "scratch:FAMILY" (t5, llama, gpt2, bert), trained with peft.method full
+    tokenizer: str = ""  # scratch models: a tokenizer folder, or a model (name, folder, .gguf) whose tokenizer to use
+    size: str = "tiny"  # scratch models: featherlm.checkpoint.SCRATCH_SIZES (tiny, mini, small, base)
+    overrides: dict = field(default_factory=dict)  # scratch models: ModelConfig fields over the size (n_layer: 4)
 
 
 @dataclass
@@ -41,6 +47,27 @@ class DataSection:
     eval_ratio: float = 0.0  # > 0 and no data.eval: hold out this seeded share of the training file instead
     skip_bad_rows: bool = False  # count and report malformed rows instead of stopping at the first
     bucket_by_length: bool = False  # batches of similar lengths: less padding, faster on CPU
+    # ner / qa
+    tag_scheme: Literal["auto", "iob1", "iob2", "bioes"] = "auto"  # ner: the files' tags (read into IOB2)
+    label_all_subwords: bool = False  # ner: label every subword of a word, not only its first
+    doc_stride: int = 128  # qa: tokens two windows of a long context share (transformers' run_qa default)
+    max_answer_len: int = 30  # qa: longest answer predicted, in tokens (BERT's SQuAD recipe)
+    # qa, SQuAD 2.0 questions without an answer. "null": train them on [CLS] and answer "" when that
+    # scores best; "skip": leave them out (train and evaluation); "auto": null when the training
+    # file has any, else skip (and the run's config records which)
+    unanswerable: Literal["auto", "null", "skip"] = "auto"
+    # seq2seq (translation, summarization)
+    source_column: int | str | None = None  # a name, or a 0-based index for files without a header (Tatoeba: 0)
+    target_column: int | str | None = None  # None: "source"/"target" (or document/summary...), 0/1 without a header
+    prompt: str = ""  # "": the task's template; fields {source}, {source_lang}, {target_lang}
+    source_lang: str = ""  # language names as the prompt says them ("English"); a Chinese target scores BLEU
+    target_lang: str = ""  # with sacrebleu's "zh" tokenizer
+    chat_template: bool | None = None  # the prompt as a user turn of the tokenizer's chat template; None: if it has one
+    system: str | None = None  # chat template: a system turn before the prompt; None: the template's default
+    # tokens generated per example; 0: 1.5x the longest reference + 8 (an untuned model may never stop)
+    eval_max_new_tokens: int = 0
+    eval_beams: int = 1  # beam search width at evaluation; 1: greedy
+    max_eval_generate: int = 200  # examples generated and scored at each evaluation (the first ones); 0: all
 
 
 @dataclass
@@ -125,11 +152,26 @@ class FinetuneConfig:
             (not 0 <= self.model.dropout < 1, f"model.dropout must be in [0, 1), got {self.model.dropout}"),
             (not 0 <= self.data.eval_ratio < 1, f"data.eval_ratio must be in [0, 1), got {self.data.eval_ratio}"),
             (self.data.eval_ratio > 0 and bool(self.data.eval), "set data.eval or data.eval_ratio, not both"),
+            *self.scratch_problems(),
+            (self.data.eval_beams < 1 or self.data.eval_max_new_tokens < 0 or self.data.max_eval_generate < 0,
+             "data.eval_beams must be >= 1, data.eval_max_new_tokens and data.max_eval_generate >= 0"),
         ]
         for bad, message in problems:
             if bad:
                 raise ConfigError(message)
         return self
+
+    def scratch_problems(self) -> list[tuple[bool, str]]:
+        """A model from scratch (``model.name: scratch:t5``) needs a tokenizer and trains every weight."""
+        m = self.model
+        if not m.name.startswith(SCRATCH):
+            return [(bool(m.tokenizer or m.overrides),
+                     "model.tokenizer and model.overrides are for new models (model.name: scratch:FAMILY); "
+                     f"{m.name!r} brings its own")]
+        return [(not m.tokenizer, f"model.name {m.name!r} is a new model: set model.tokenizer (a tokenizer folder, "
+                                  "or a model whose tokenizer to use, e.g. minilm-l6)"),
+                (self.peft.method != "full", f"model.name {m.name!r} starts from random weights: train it with "
+                                             f"peft.method full, not {self.peft.method}")]
 
 
 def parse_overrides(args: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
@@ -166,9 +208,12 @@ def _yaml_value(text: str) -> Any:
     if not text.strip():
         return text  # `--data.eval ""` clears a path; YAML would read it as null
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text  # a string YAML cannot read ("a: b: c") is meant as a string
+    if isinstance(value, dict) and value and all(v is None for v in value.values()):
+        return text  # "{source}" is a prompt template, not a mapping whose values are all empty
+    return value
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

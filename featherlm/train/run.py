@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from featherlm.checkpoint import build_model, read_checkpoint
+from featherlm.checkpoint import Checkpoint, build_model, read_checkpoint, read_tokenizer, scratch_checkpoint
 from featherlm.errors import CheckpointError, ConfigError
 from featherlm.hub import resolve
 from featherlm.io import atomic_dir, atomic_write_text
 from featherlm.peft import PeftConfig, apply, load_adapter_state_dict, read_adapter, save_adapter
-from featherlm.train.config import FinetuneConfig, load_config
+from featherlm.train.config import SCRATCH, FinetuneConfig, load_config
 
 CONFIG, METRICS, PLOT, LAST, BEST = "config.yaml", "metrics.jsonl", "curves.png", "last", "best"
 STATE_JSON, STATE_TENSORS, ADAPTER = "trainer_state.json", "trainer_state.safetensors", "adapter"
@@ -161,13 +161,24 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- loading a run back
 
 
+def base_checkpoint(config: FinetuneConfig) -> Checkpoint:
+    """The model a run starts from: ``model.name`` read from disk, or with ``scratch:FAMILY`` a new one
+    sized by ``model.size`` / ``model.overrides`` for ``model.tokenizer`` (seeded by ``train.seed``)."""
+    m = config.model
+    if not m.name.startswith(SCRATCH):
+        return read_checkpoint(resolve(m.name))
+    overrides = {"max_seq_len": max(512, config.train.max_seq_len), **m.overrides}
+    return scratch_checkpoint(m.name[len(SCRATCH):], read_tokenizer(resolve(m.tokenizer)), size=m.size,
+                              overrides=overrides, seed=config.train.seed)
+
+
 def build_for_run(config: FinetuneConfig, checkpoint=None) -> tuple[nn.Module, Any]:
     """The model a run trains (base weights, task head, PEFT applied) and the tokenizer.
 
     Seeded, so the head and the adapter start the same way in a fresh run and in a resumed one
     (whose weights are then replaced by the checkpoint's anyway).
     """
-    checkpoint = checkpoint or read_checkpoint(resolve(config.model.name))
+    checkpoint = checkpoint or base_checkpoint(config)
     if checkpoint.tokenizer is None:
         raise CheckpointError(config.model.name, "the model has no tokenizer; fine-tuning reads text")
     torch.manual_seed(config.train.seed)

@@ -31,10 +31,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 from tqdm.auto import tqdm
 
-from featherlm.checkpoint import read_checkpoint
 from featherlm.data import batch_order
 from featherlm.errors import ConfigError
-from featherlm.hub import resolve
 from featherlm.io import atomic_write_text
 from featherlm.model.layers import Block
 from featherlm.peft import count_parameters
@@ -49,6 +47,7 @@ from featherlm.train.run import (
     PLOT,
     TrainerState,
     append_metrics,
+    base_checkpoint,
     build_for_run,
     prepare_run_dir,
     read_metrics,
@@ -81,7 +80,7 @@ def finetune(config: FinetuneConfig | Mapping[str, Any] | str | Path, *,
     run_dir = Path(cfg.out.dir)
 
     # ---- data and model; nothing is written until all data has been read
-    checkpoint = read_checkpoint(resolve(cfg.model.name))
+    checkpoint = base_checkpoint(cfg)  # the named model, or a new one for model.name scratch:FAMILY
     tokenizer = checkpoint.tokenizer
     if tokenizer is None:
         raise ConfigError(f"{cfg.model.name}: the model has no tokenizer; fine-tuning reads text")

@@ -10,11 +10,18 @@ from featherlm.errors import ConfigError
 from featherlm.train.tasks.base import Task, TaskData, autocast, evaluating
 from featherlm.train.tasks.classification import ClassificationTask
 from featherlm.train.tasks.language import LmTask, SftTask
+from featherlm.train.tasks.ner import NerTask
+from featherlm.train.tasks.qa import QaTask
+from featherlm.train.tasks.seq2seq import SummarizationTask, TranslationTask
 
 TASKS: dict[str, Task] = {
     "classification": ClassificationTask(),
     "sft": SftTask(),
     "lm": LmTask(),
+    "ner": NerTask(),
+    "qa": QaTask(),
+    "translation": TranslationTask(),
+    "summarization": SummarizationTask(),
 }
 
 
