@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from featherlm.config import ModelConfig
+from featherlm.errors import ConfigError
 from featherlm.model.layers import (
     Block,
     KVCache,
@@ -50,6 +51,9 @@ class ModelOutput:
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.encoder_decoder:  # one stack cannot be both: building it would silently drop the encoder
+            raise ConfigError("an encoder-decoder config (T5) is a Seq2SeqTransformer: build it with "
+                              "featherlm.model.new_model(config)")
         self.config = config
         c = config.d_model
         self.embed_tokens = nn.Embedding(config.vocab_size, c)

@@ -544,6 +544,8 @@ class PretrainModel(nn.Module):
             nn.init.zeros_(self.mlm_head.dense.bias)
             if nsp:
                 self.nsp_head = Linear(c.d_model, 2)
+                nn.init.normal_(self.nsp_head.weight, std=c.initializer_range)
+                nn.init.zeros_(self.nsp_head.bias)
             else:  # the pooler only serves NSP; frozen, it is left out of DDP's gradient reduction
                 backbone.pooler.requires_grad_(False)
 

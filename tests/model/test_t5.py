@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from featherlm.config import preset
+from featherlm.errors import ConfigError
 from featherlm.generate import GenerationConfig, generate_ids
 from featherlm.model import Seq2SeqTransformer, Transformer, new_model
 from featherlm.model.layers import relative_buckets
@@ -111,6 +112,8 @@ def test_stacks_share_one_embedding_and_names_follow_the_convention():
     assert "decoder.lm_head.weight" not in names  # tied
     untied = tiny_t5(tie_embeddings=False, scale_output=False)
     assert "decoder.lm_head.weight" in dict(untied.named_parameters())
+    with pytest.raises(ConfigError, match="new_model"):  # one stack cannot hold an encoder-decoder
+        Transformer(model.config)
 
 
 def test_shift_right_matches_transformers():

@@ -75,6 +75,7 @@ def single_run(corpus, tmp_path):
     return out
 
 
+@pytest.mark.slow  # 12-35 s: two Python processes start and import torch (on this shared machine)
 def test_ddp_two_processes_match_one(corpus, tmp_path, single_run):
     result = torchrun(settings(corpus, tmp_path / "ddp"), tmp_path)
     assert result["processes"] == 2 and result["steps"] == 6 and result["tokens"] == 6 * 8 * 16
