@@ -22,7 +22,9 @@ from featherlm.evaluate.metrics import (
     confusion_matrix,
     macro_scores,
     per_class,
-    perplexity,
+)
+from featherlm.evaluate.metrics import (
+    perplexity as perplexity_from_loss,
 )
 
 
@@ -125,4 +127,4 @@ def answer_questions(model, tokenizer, questions: list[str], contexts: list[str]
 
 
 __all__ = ["accuracy", "answer_questions", "classification_metrics", "classify", "confusion_matrix", "evaluate",
-           "evaluate_classifier", "macro_scores", "per_class", "perplexity", "predict_entities"]
+           "evaluate_classifier", "macro_scores", "per_class", "perplexity_from_loss", "predict_entities"]

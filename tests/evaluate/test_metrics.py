@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from featherlm.evaluate import classification_metrics, confusion_matrix, macro_scores, per_class, perplexity
+from featherlm.evaluate import classification_metrics, confusion_matrix, macro_scores, per_class
+from featherlm.evaluate.metrics import perplexity
 
 
 def test_binary_case_by_hand():
