@@ -8,16 +8,18 @@ real data that is (``--out``/mix.jsonl, never committed):
   - CoNLL-2003 sentences -> "List the people, organisations and places named" -> the gold entities.
 The last three are templated over gold annotations written by people, so every response is a
 correct, human-made answer. A seeded share (``data.eval_ratio``) is held out: its response-token
-loss is measured before tuning (LoRA starts as the identity, so that is the base model) and after.
-Then a few held-out prompts are answered greedily by both models.
+loss is measured before tuning (LoRA starts as the identity, so that is the base model) and after,
+with the final (``last``) weights: ``best`` is chosen by this same held-out loss. Then the first
+held-out prompt of each source is answered greedily by both models.
 
-    .venv/bin/python bench/sft_smollm2.py --out runs/sft-mix [--per-task 150] [--epochs 2] [--json]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/sft_smollm2.py --out runs/sft-mix [--per-task 150] [--epochs 2] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -29,10 +31,13 @@ DATA = Path(os.environ.get("FEATHERLM_DATA", ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT))
 
 from featherlm.checkpoint import read_checkpoint  # noqa: E402
+from featherlm.data import IGNORE_INDEX  # noqa: E402
+from featherlm.data.tasks import encode_chat, row_conversations  # noqa: E402
 from featherlm.generate import GenerationConfig, generate  # noqa: E402
 from featherlm.hub import resolve  # noqa: E402
 from featherlm.train import finetune, load_config, load_run  # noqa: E402
 from featherlm.train.run import build_for_run  # noqa: E402
+from featherlm.train.tasks import TaskData  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
@@ -106,7 +111,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/sft-mix")
     ap.add_argument("--per-task", type=int, default=150)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (a smoke test)")
     ap.add_argument("--answers", type=int, default=4, help="held-out prompts answered before/after")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -121,62 +128,83 @@ def main() -> None:
         "data": {"train": str(data), "eval_ratio": 0.12, "bucket_by_length": True},
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05,
                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-        "train": {"lr": 3e-4, "epochs": args.epochs, "batch_size": 8, "max_seq_len": 512, "warmup_ratio": 0.05,
-                  "schedule": "cosine", "log_every": 5, "seed": args.seed},
+        # batches of 8 bucketed by length pad ~7%; the eval at each epoch's end logs the curve (and `best`, unused)
+        "train": {"lr": 3e-4, "epochs": args.epochs, "batch_size": 8, "max_seq_len": args.max_seq_len,
+                  "warmup_ratio": 0.05, "schedule": "cosine", "log_every": 5, "seed": args.seed,
+                  "max_steps": args.max_steps},
         "out": {"dir": str(out / "run"), "overwrite": True},
     }
     cfg = load_config(settings)
     checkpoint = read_checkpoint(resolve(MODEL))
     tokenizer = checkpoint.tokenizer
     task = cfg.task
-    train, held = task.split(task.read(cfg, str(data), tokenizer), cfg.data.eval_ratio, cfg.train.seed)
+    examples = task.read(cfg, str(data), tokenizer)
+    assert len(examples) == len(mix) and not examples.skipped, "one SFT example per row of the mix"
+    cut = sum(len(encode_chat(tokenizer, row_conversations(r)[0])[0]) > args.max_seq_len for r in mix)
+    train, held = task.split(examples, cfg.data.eval_ratio, cfg.train.seed)
+    # the same seeded split over row numbers: which rows (sources, prompts) are held out
+    _, held_index = task.split(TaskData("", list(range(len(mix)))), cfg.data.eval_ratio, cfg.train.seed)
+    held_rows = [mix[i] for i in held_index.examples]
+    assert all(e["input_ids"] == examples.examples[i]["input_ids"] for e, i in zip(held.examples, held_index.examples,
+                                                                                   strict=True))
+    pad_id = tokenizer.pad_id or 0
     base, _ = build_for_run(cfg, checkpoint)  # LoRA B = 0: exactly the base model
-    before = task.evaluate(base, held, cfg=cfg, tokenizer=tokenizer, batch_size=16, pad_id=tokenizer.pad_id or 0)
+    before = held_loss(task, base, held, held_rows, cfg, tokenizer, pad_id)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     summary = finetune(cfg, progress=not args.json)
-    minutes = (time.perf_counter() - started) / 60
-    tuned, _, _ = load_run(out / "run")
-    after = task.evaluate(tuned, held, cfg=cfg, tokenizer=tokenizer, batch_size=16, pad_id=tokenizer.pad_id or 0)
+    minutes, cpu_minutes = (time.perf_counter() - started) / 60, (time.process_time() - cpu) / 60
+    # the final weights (`last`), not `best`: the trainer picks `best` by this same held-out loss
+    tuned, _, _ = load_run(out / "run", checkpoint="last")
+    after = held_loss(task, tuned, held, held_rows, cfg, tokenizer, pad_id)
 
-    # held-out rows, in the split's order: the prompts whose answers are compared
-    held_rows = [mix[i] for i in sorted(_held_indices(len(mix), cfg))]
-    assert len(held_rows) == len(held), "one SFT example per row of the mix"
+    # the first held-out row of each source (split order, not picked by outcome) answered by both models
     gen = GenerationConfig(max_new_tokens=64, temperature=0.0, repetition_penalty=1.1)
     answers = []
-    seen_sources = set()
-    for row in held_rows:
-        if row["source"] in seen_sources or len(answers) >= args.answers:
+    for row, example in zip(held_rows, held.examples, strict=True):
+        if row["source"] in {a["source"] for a in answers} or len(answers) >= args.answers:
             continue
-        seen_sources.add(row["source"])
-        user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}])
-        answers.append({"source": row["source"], "prompt": user, "reference": row["output"],
+        first = next(i for i, x in enumerate(example["labels"]) if x != IGNORE_INDEX)
+        prompt = example["input_ids"][:first]  # the training prompt's own tokens (chat template included)
+        answers.append({"source": row["source"], "prompt": row_conversations(row)[0][-2]["content"],
+                        "reference": row["output"],
                         "before": generate(base.eval(), tokenizer, prompt, gen).text.strip(),
                         "after": generate(tuned, tokenizer, prompt, gen).text.strip()})
     result = {"examples": len(mix), "train_examples": len(train), "held_out": len(held),
+              "cut_at_max_seq_len": cut, "max_seq_len": args.max_seq_len, "epochs": args.epochs,
+              "steps": summary["step"], "held_out_tokens": before["tokens"],
               "held_out_loss_before": before["loss"], "held_out_loss_after": after["loss"],
               "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
-              "train_minutes": round(minutes, 2), "trainable_params": summary["trainable_params"],
+              "by_source": {s: {"tokens": b["tokens"], "loss_before": b["loss"],
+                                "loss_after": after["by_source"][s]["loss"]} for s, b in before["by_source"].items()},
+              "best_step": summary["best_step"], "train_minutes": round(minutes, 2),
+              "train_cpu_minutes": round(cpu_minutes, 2), "trainable_params": summary["trainable_params"],
               "answers": answers}
+    (out / "result.json").write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return
-    print(f"{len(mix)} pairs ({len(train)} train, {len(held)} held out); LoRA r=8 on q,k,v,o,gate,up,down "
-          f"({summary['trainable_params']:,} trainable), {args.epochs} epochs in {minutes:.1f} min")
-    print(f"held-out response loss: {before['loss']:.3f} -> {after['loss']:.3f} "
+    print(f"{len(mix)} pairs ({len(train)} train, {len(held)} held out, {cut} cut at {args.max_seq_len} tokens); "
+          f"LoRA r=8 on q,k,v,o,gate,up,down ({summary['trainable_params']:,} trainable), {args.epochs} epochs "
+          f"({summary['step']} steps) in {minutes:.1f} min ({cpu_minutes:.1f} CPU min)")
+    print(f"held-out response loss ({before['tokens']} tokens): {before['loss']:.3f} -> {after['loss']:.3f} "
           f"(perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f})")
+    for s, r in result["by_source"].items():
+        print(f"  {s:14s} {r['tokens']:5d} tokens: {r['loss_before']:.3f} -> {r['loss_after']:.3f}")
     for a in answers:
         print(f"\n[{a['source']}] {a['prompt']}\n  reference: {a['reference']}\n  before:    {a['before']}"
               f"\n  after:     {a['after']}")
 
 
-def _held_indices(n: int, cfg) -> set[int]:
-    """Indices of the held-out rows: Task.split's seeded choice (one example per row in this mix)."""
-    import torch
-
-    k = min(max(1, round(cfg.data.eval_ratio * n)), n - 1)
-    return set(torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed + 1)).tolist()[:k])
+def held_loss(task, model, held: TaskData, rows: list[dict], cfg, tokenizer, pad_id: int) -> dict:
+    """Response-token loss over the held-out share, in all and per source (the task's own evaluate)."""
+    by_source = {}
+    for source in sorted({r["source"] for r in rows}):
+        part = TaskData(held.path, [e for e, r in zip(held.examples, rows, strict=True) if r["source"] == source])
+        by_source[source] = task.evaluate(model, part, cfg=cfg, tokenizer=tokenizer, batch_size=16, pad_id=pad_id)
+    tokens = sum(r["tokens"] for r in by_source.values())
+    loss = sum(r["loss"] * r["tokens"] for r in by_source.values()) / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "by_source": by_source}
 
 
 if __name__ == "__main__":

@@ -135,15 +135,21 @@ def read_gguf_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_gguf(meta, source=str(path))
 
 
+def _architecture(path: Path, meta: dict) -> str:
+    """The file's ``general.architecture``, checked against what featherlm can build."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(path, f"unsupported architecture {arch!r} "
+                                    f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    return arch
+
+
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
     """Load a GGUF checkpoint: HF config, float32 state dict in HF Llama names, tokenizer metadata."""
     path = Path(path)
     with _open(path) as buf, _one_thread():
         meta, infos = _parse_header(buf, path)
-        arch = meta.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise CheckpointError(path, f"unsupported architecture {arch!r} "
-                                        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        arch = _architecture(path, meta)
         if meta.get(f"{arch}.expert_count", 0):
             raise CheckpointError(path, "mixture-of-experts GGUF files are not supported")
         tensors = {t.name: t for t in infos}
@@ -179,10 +185,7 @@ def read_gguf_int4(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tens
     out = {}
     with _open(path) as buf, _one_thread():
         meta, infos = _parse_header(buf, path)
-        arch = meta.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise CheckpointError(path, f"unsupported architecture {arch!r} "
-                                        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        arch = _architecture(path, meta)
         permute = SUPPORTED_ARCHITECTURES[arch][1]
         for info in infos:
             if info.ggml_type not in INT4_TYPES or len(info.shape) != 2:

@@ -10,6 +10,11 @@ A word becomes one or more subwords. The label goes on its first subword and the
 IGNORE_INDEX (no loss), as in BERT's NER recipe; ``label_all_subwords`` labels them all (a B- word
 continues with I-). Evaluation reads a word's tag from its first subword's prediction, so the
 model is scored on the words of the file whatever the tokenizer does.
+
+Casing features: an uncased tokenizer (all-MiniLM-L6-v2's) lower-cases "Bush" into "bush" before
+the model sees it. ``word_case`` puts each word, as written, into one of ``CASE_CLASSES`` (the
+word shapes of the classic CoNLL systems and Lample et al. 2016); ``case_ids`` gives every subword
+its word's class, for a ``TokenClassifier`` built with case features to embed.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ DOCSTART = "-DOCSTART-"
 # ("U.S."), words keep inner hyphens, apostrophes, dots and commas ("1996-08-22", "O'Neil", "1,000.5"),
 # any other non-space character is a word of its own.
 WORD = re.compile(r"(?:[^\W\d_]\.){2,}|\w+(?:[-'’.,/&]\w+)*|\S")
+# Word shapes; id 0 is for positions without a word (special tokens, padding).
+CASE_CLASSES = ("none", "lower", "title", "upper", "mixed", "number", "alnum", "punct")
+_CASE = {name: i for i, name in enumerate(CASE_CLASSES)}
 
 
 @dataclass
@@ -134,6 +142,31 @@ def encode_words(tokenizer, sentences: Sequence[Sequence[str]],
     return out
 
 
+def word_case(word: str) -> int:
+    """The casing class of a word as written (an id into ``CASE_CLASSES``): "lower" (all letters
+    lower-case: "the", "o'clock"), "title" ("Paris", "I", "Wal-mart"), "upper" (two or more letters,
+    all capitals: "EU", "U.S."), "mixed" ("McDonald", "O'Neil", "iPhone"), "number" (digits, no letters:
+    "1996", "1,000.5", "08-22"), "alnum" (letters and digits: "F1", "3rd", "1990s"), "punct" (neither
+    letters nor digits: ",", "(", "--")."""
+    letters = [c for c in word if c.isalpha()]
+    if any(c.isdigit() for c in word):
+        return _CASE["alnum" if letters else "number"]
+    if not letters:
+        return _CASE["punct"]
+    upper = [c.isupper() for c in letters]
+    if not any(upper):
+        return _CASE["lower"]
+    if all(upper):
+        return _CASE["upper" if len(letters) > 1 else "title"]
+    return _CASE["title" if upper[0] and not any(upper[1:]) else "mixed"]
+
+
+def case_ids(word_ids: Sequence[int | None], words: Sequence[str]) -> list[int]:
+    """Each token's word casing class (``word_case`` of its word, as written), 0 for special tokens."""
+    cases = [word_case(w) for w in words]
+    return [0 if w is None else cases[w] for w in word_ids]
+
+
 def first_subwords(word_ids: Sequence[int | None], n_words: int) -> list[int]:
     """Position of each word's first subword; -1 for a word with none (a character the tokenizer
     drops, or a word cut off by truncation)."""
@@ -146,12 +179,14 @@ def first_subwords(word_ids: Sequence[int | None], n_words: int) -> list[int]:
 
 def encode_ner(data: NerData, tokenizer, max_seq_len: int, labels: Sequence[str], *,
                label_all_subwords: bool = False) -> list[dict[str, Any]]:
-    """Examples ``{"input_ids", "labels", "first", "tags"}``: token labels (IGNORE_INDEX on special
-    tokens, on continuation subwords unless ``label_all_subwords``, and for tags the label list
-    lacks), the first subword of each word, and the gold IOB2 word tags (for entity scoring)."""
+    """Examples ``{"input_ids", "labels", "case_ids", "first", "tags"}``: token labels (IGNORE_INDEX on
+    special tokens, on continuation subwords unless ``label_all_subwords``, and for tags the label
+    list lacks), each token's word casing class (``case_ids``, from the words as the file writes
+    them), the first subword of each word, and the gold IOB2 word tags (for entity scoring)."""
     index = {name: i for i, name in enumerate(labels)}
     examples = []
-    for (ids, word_ids), tags in zip(encode_words(tokenizer, data.words, max_seq_len), data.tags, strict=True):
+    encoded = encode_words(tokenizer, data.words, max_seq_len)
+    for (ids, word_ids), words, tags in zip(encoded, data.words, data.tags, strict=True):
         first = first_subwords(word_ids, len(tags))
         token_labels = [IGNORE_INDEX] * len(ids)
         for position, w in enumerate(word_ids):
@@ -163,7 +198,8 @@ def encode_ner(data: NerData, tokenizer, max_seq_len: int, labels: Sequence[str]
                     continue
                 tag = "I-" + tag[2:] if tag.startswith("B-") else tag  # the word's entity goes on
             token_labels[position] = index.get(tag, IGNORE_INDEX)
-        examples.append({"input_ids": ids, "labels": token_labels, "first": first, "tags": list(tags)})
+        examples.append({"input_ids": ids, "labels": token_labels, "case_ids": case_ids(word_ids, words),
+                         "first": first, "tags": list(tags)})
     return examples
 
 

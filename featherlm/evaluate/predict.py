@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from featherlm.data.batching import collate
-from featherlm.data.ner import encode_words, entities_in_text, first_subwords, split_words, word_tags
+from featherlm.data.ner import case_ids, encode_words, entities_in_text, first_subwords, split_words, word_tags
 from featherlm.data.qa import Question, build_features, decode_answer
 from featherlm.data.tasks import special_affixes
 from featherlm.train.tasks.qa import QaTask
@@ -79,7 +79,13 @@ def predict_entities(model, tokenizer, texts: Sequence[str], *, max_seq_len: int
             words = [[w for w, _, _ in spans] for _, spans in pieces[s:s + batch_size]]
             encoded = encode_words(tokenizer, words, max_len)
             batch = collate([{"input_ids": ids} for ids, _ in encoded], pad_id)
-            p = model(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)  # (B, T, L)
+            options = {}
+            if getattr(model, "case_classes", 0):  # casing of the words as written, before any lower-casing
+                cases = torch.zeros_like(batch["input_ids"])  # (B, T) 0 on padding
+                for i, ((_, word_ids), ws) in enumerate(zip(encoded, words, strict=True)):
+                    cases[i, :len(word_ids)] = torch.tensor(case_ids(word_ids, ws), dtype=torch.long)
+                options["case_ids"] = cases
+            p = model(batch["input_ids"], batch["attention_mask"], **options).float().softmax(-1)  # (B, T, L)
             best, best_id = p.max(-1)  # (B, T)
             for (_, word_ids), ws, row_p, row_id in zip(encoded, words, best.tolist(), best_id.tolist(), strict=True):
                 first = first_subwords(word_ids, len(ws))

@@ -195,6 +195,31 @@ class KVCache:
             self.cross_mask = self.cross_mask.index_select(0, index)
 
 
+# ----------------------------------------------------------------------------- padding
+
+
+class Unpadded:
+    """The real tokens of a padded batch, kept as one block of N rows instead of (B, T) positions.
+
+    Everything in a block but attention works token by token (projections, LoRA, norms, MLP), so a
+    padded batch runs those on its N real rows only; attention alone scatters its queries, keys and
+    values back to (B, T, .) with zeros at the padding (which the mask hides from every real query)
+    and gathers its output rows again. The real positions get what the padded computation gives them.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor) -> None:  # (B, T) 1 = real token
+        self.batch, self.length = attention_mask.shape
+        self.index = attention_mask.flatten().nonzero().squeeze(1)  # (N,) positions in the flattened (B*T)
+        self.rows, self.cols = self.index // self.length, self.index % self.length  # (N,) each
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:  # (N, F) -> (B, T, F), zeros at padding
+        out = x.new_zeros(self.batch * self.length, x.shape[-1])
+        return out.index_copy_(0, self.index, x).view(self.batch, self.length, -1)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (N, ...), any strides
+        return x[self.rows, self.cols]
+
+
 # ----------------------------------------------------------------------------- attention and MLP
 
 
@@ -227,21 +252,26 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # (B, T, C)
+        x: torch.Tensor,  # (B, T, C), or (N, C) with unpadded
         mask: torch.Tensor | None,  # bool (B, 1, T, S) True = may attend, or float bias (B|1, H|1, T, S); None = plain
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
         need_weights: bool = False,
         memory: torch.Tensor | None = None,  # (B, S, C) cross-attention: what the keys and values come from
+        unpadded: Unpadded | None = None,  # x is (N, C), the real tokens only (see Unpadded)
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        B, T = x.shape[:2] if unpadded is None else (unpadded.batch, unpadded.length)
+
+        def project(proj: nn.Module) -> torch.Tensor:  # (B, T, F); unpadded: N rows projected, then placed
+            return proj(x) if unpadded is None else unpadded.pad(proj(x))
+
+        q = project(self.q_proj).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         if self.cross:
             k, v = self.memory_kv(memory, cache)  # (B, Hkv, S, D)
         else:
-            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            k = project(self.k_proj).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = project(self.v_proj).view(B, T, Hkv, D).transpose(1, 2)
             if self.use_rope:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if cache is not None:
@@ -276,7 +306,10 @@ class Attention(nn.Module):
             is_causal = mask is None and self.causal and T > 1 and k.shape[2] == T
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa,
                                                scale=self.scale)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim).to(x.dtype)  # (B, T, H*D)
+        y = y.transpose(1, 2)  # (B, T, H, D)
+        if unpadded is not None:
+            y = unpadded.unpad(y)  # (N, H, D): the real queries' rows
+        y = y.reshape(*y.shape[:-2], H * D).to(x.dtype)  # (B, T, H*D) or (N, H*D)
         return self.o_proj(y), weights
 
     def memory_kv(self, memory: torch.Tensor | None, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,18 +372,19 @@ class Block(nn.Module):
         if not self.pre_ln:
             self.post_mlp_layernorm = make_norm(config)
 
-    def forward(self, x, mask, rope, cache, need_weights=False, cross=None):
+    def forward(self, x, mask, rope, cache, need_weights=False, cross=None, unpadded=None):
         """``cross``: (encoder output (B, S, C) or None when the cache holds its keys/values, encoder
-        padding mask (B, 1, 1, S) or None) for blocks with cross-attention."""
+        padding mask (B, 1, 1, S) or None) for blocks with cross-attention. ``unpadded``: x is (N, C),
+        the real tokens of a padded batch (see ``Unpadded``); not with cross-attention."""
         if self.pre_ln:
-            a, w = self.self_attn(self.input_layernorm(x), mask, rope, cache, need_weights)
+            a, w = self.self_attn(self.input_layernorm(x), mask, rope, cache, need_weights, unpadded=unpadded)
             x = x + a
             if cross is not None:
                 memory, memory_mask = cross
                 x = x + self.cross_attn(self.cross_attn_layernorm(x), memory_mask, None, cache, memory=memory)[0]
             x = x + self.mlp(self.post_attention_layernorm(x))
         else:
-            a, w = self.self_attn(x, mask, rope, cache, need_weights)
+            a, w = self.self_attn(x, mask, rope, cache, need_weights, unpadded=unpadded)
             x = self.post_attention_layernorm(x + a)
             if cross is not None:
                 memory, memory_mask = cross

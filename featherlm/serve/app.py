@@ -49,7 +49,16 @@ class Limits:
     """What one request may ask for."""
 
     max_tokens: int = 2048  # new tokens per choice; a request asking for more gets a 400
-    max_body_bytes: int = 8 * 1024 * 1024  # Content-Length above this: 413
+    max_body_bytes: int = 8 * 1024 * 1024  # a body above this (by Content-Length, or as it arrives chunked): 413
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """A request body (chunked, or longer than its Content-Length said) grew past ``Limits.max_body_bytes``.
+
+    An HTTPException, so that FastAPI's body reading passes it on as it is (rather than as a 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
 
 
 class APIError(Exception):
@@ -91,6 +100,8 @@ class Gate:
             return path
         if path.startswith("/static/"):
             return "/static"
+        if path.startswith("/docs/"):
+            return "/docs"
         if path.startswith("/v1/models/"):
             return "/v1/models/{model}"
         return "other"
@@ -124,13 +135,24 @@ class Gate:
                                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, tracked_send)
                 return
+            limit = self.limits.max_body_bytes
             length = dict(scope.get("headers") or []).get(b"content-length", b"0")
-            if length.isdigit() and int(length) > self.limits.max_body_bytes:
-                response = error_response(413, f"request body over {self.limits.max_body_bytes} bytes",
-                                          code="body_too_large")
+            if length.isdigit() and int(length) > limit:
+                response = error_response(413, f"request body over {limit} bytes", code="body_too_large")
                 await response(scope, receive, tracked_send)
                 return
-            await self.app(scope, receive, tracked_send)
+            received = 0
+
+            async def limited_receive():  # a chunked body has no Content-Length: count what arrives
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise BodyTooLarge(limit)
+                return message
+
+            await self.app(scope, limited_receive, tracked_send)
         finally:
             # a response that started but never finished: the client went away (nginx's 499)
             status = state["status"] if state["done"] or state["status"] is None else 499
@@ -181,7 +203,8 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, max_queue
         finally:
             await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="featherlm", version=_version(), lifespan=lifespan,
+    # /docs is served from local files by mount_docs (FastAPI's default page loads Swagger from a CDN)
+    app = FastAPI(title="featherlm", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API (completions, chat, embeddings) and task endpoints for "
                               "featherlm models. Send `Authorization: Bearer KEY` when the server has an API key.")
     app.state.registry, app.state.engine, app.state.metrics, app.state.limits = registry, engine, metrics, limits
@@ -203,6 +226,10 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, max_queue
         path = ".".join(where) or "request body"
         return error_response(400, f"{path}: {first.get('msg', 'invalid value')}", param=param,
                               code="invalid_value")
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, e: BodyTooLarge):
+        return error_response(413, e.detail, code="body_too_large")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
@@ -407,18 +434,20 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, max_queue
 
     @app.post("/v1/qa", response_model=S.QAResponse, responses=errors, tags=["tasks"])
     async def qa(body: S.QARequest) -> dict:
-        """Extractive question answering with a QA run: the answer span of the context."""
+        """Extractive question answering with a QA run: the answer span of the context,
+        `{model, answer, start, end, score}` with `context[start:end] == answer`."""
         entry = task_entry(registry, body.model, "qa", "/v1/qa")
         answer = task_function("answer_questions", "qa")
         result = await run_in_threadpool(lambda: answer(entry.head, entry.lm.tokenizer,
                                                         [body.question], [body.context], **entry.options))
-        return result[0]
+        return {"model": entry.name, **result[0]}
 
     app.add_middleware(Gate, api_key=api_key, metrics=metrics, limits=limits, routes=lambda: app.routes)
     if importlib.util.find_spec("featherlm.serve.ui") is not None:
-        from featherlm.serve.ui import mount_ui
+        from featherlm.serve.ui import mount_docs, mount_ui
 
         mount_ui(app)
+        mount_docs(app)
     return app
 
 

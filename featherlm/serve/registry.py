@@ -22,6 +22,10 @@ from featherlm.errors import ConfigError, FeatherError
 from featherlm.model import Transformer
 
 GENERATIVE_TASKS = ("generate", "sft", "lm")  # entries that /v1/completions and /v1/chat/completions serve
+# The engine's batch keeps one right-aligned decoder KV cache per model; T5's cross-attention cache and
+# per-request source masks do not fit it, and embeddings / the attention view expect one Transformer stack.
+SEQ2SEQ_NOT_SERVED = ("encoder-decoder models (T5) cannot be served yet: the server decodes decoder-only models "
+                      "and embeds with encoders")
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -151,7 +155,8 @@ class ModelRegistry:
         if not name or name in self._entries:
             raise ConfigError(f"model name {name!r} is empty or used twice")
         if getattr(lm.model.config, "encoder_decoder", False):
-            raise ConfigError(f"{name}: encoder-decoder models (T5) are not served yet; serve a decoder or an encoder")
+            raise ConfigError(f"{name}: {SEQ2SEQ_NOT_SERVED}; generate with it by `featherlm generate --model "
+                              f"{lm.name} --prompt TEXT`")
         if not isinstance(lm.model, Transformer):
             raise ConfigError(f"{name}: the served model must be a featherlm Transformer")
         if task is None:
@@ -196,7 +201,9 @@ class ModelRegistry:
         model = merge(model).to(DTYPES[dtype]).eval()
         backbone = model if isinstance(model, Transformer) else getattr(model, "backbone", None)
         if getattr(model, "config", None) is not None and getattr(model.config, "encoder_decoder", False):
-            raise ConfigError(f"{run_dir}: runs on encoder-decoder models (T5) are not served yet")
+            raise ConfigError(f"{run_dir}: this {config.model.task} run is on an encoder-decoder model; "
+                              f"{SEQ2SEQ_NOT_SERVED}; generate with it by `featherlm generate --adapter {run_dir} "
+                              "--prompt TEXT`")
         if not isinstance(backbone, Transformer):
             raise ConfigError(f"{run_dir}: cannot find the transformer of this {config.model.task} run")
         base = next((b for b, spec in specs.items() if _same_model(spec, config.model.name)), None)

@@ -19,7 +19,10 @@ MAX_INPUTS = 2048  # embeddings / classify / ner inputs per request (OpenAI's em
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, metadata, ...) change nothing
+    # unknown OpenAI fields (user, metadata, ...) change nothing; strict: a value of the wrong JSON type is a
+    # 400, as OpenAI answers it, rather than quietly converted ("stream": "yes", "max_tokens": true, "n": "2");
+    # an integer still passes where a number is expected ("temperature": 1)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -181,7 +184,8 @@ class EmbeddingList(BaseModel):
 
 
 class TextsRequest(_Body):
-    model: str = Field(description="a classification (or ner) run served with --adapter NAME=RUN_DIR")
+    model: str = Field(description="a classification (/v1/classify) or NER (/v1/ner) run served with "
+                                   "--adapter NAME=RUN_DIR")
     input: str | list[str] = Field(description=f"one text or a list of texts (at most {MAX_INPUTS})")
 
 
@@ -200,12 +204,12 @@ class ClassifyResponse(BaseModel):
 class Entity(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    entity: str | None = None
-    type: str | None = None
-    start: int | None = Field(None, description="character offset in the text")
-    end: int | None = None
-    text: str | None = None
-    score: float | None = None
+    entity: str = Field(description="the entity type (as `type`; Hugging Face's pipeline calls it entity_group)")
+    type: str = Field(description="the entity type: the label's name without its B-/I- prefix, e.g. PER")
+    start: int = Field(description="offset of the first character in the text (Python string index)")
+    end: int = Field(description="offset after the last character: `text[start:end]` is the entity")
+    text: str = Field(description="the entity as written in the text")
+    score: float = Field(description="mean probability of the entity's word labels")
 
 
 class NerResponse(BaseModel):
@@ -223,7 +227,9 @@ class QARequest(_Body):
 class QAResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    answer: str
-    start: int | None = Field(None, description="character offset of the answer in the context")
-    end: int | None = None
-    score: float | None = None
+    model: str
+    answer: str = Field(description="the answer, a span of the context (empty: no answer, for runs trained "
+                                    "with unanswerable questions)")
+    start: int = Field(description="offset of the answer's first character in the context")
+    end: int = Field(description="offset after its last character: `context[start:end]` is the answer")
+    score: float

@@ -123,6 +123,31 @@ def mount_ui(app: FastAPI) -> None:
             return e.response()
 
 
+def mount_docs(app: FastAPI) -> None:
+    """``/docs``: the interactive OpenAPI page (Swagger UI) from the ``swagger-ui-bundle`` package's files,
+    served under ``/docs/assets``, so it works offline like the UI (FastAPI's own page fetches Swagger
+    from a CDN). Without that package ``/docs`` says where the machine-readable document is."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        swagger_ui_path = None
+    if swagger_ui_path is not None:
+        app.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        if swagger_ui_path is None:
+            return HTMLResponse('<p>The API is described by <a href="/openapi.json">/openapi.json</a> '
+                                "(install swagger-ui-bundle for the interactive page).</p>")
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+
 # ----------------------------------------------------------------------------- the work behind the routes
 
 

@@ -137,6 +137,39 @@ def evaluate_recurrent(model: RecurrentLM, ids: Sequence[int] | torch.Tensor, *,
     return {"nll": nll, "tokens": count, "bits_per_token": nll / LN2, "perplexity": math.exp(min(nll, 700))}
 
 
+@torch.no_grad()
+def evaluate_windows(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor, *, block: int,
+                     stride: int | None = None) -> dict[str, float]:
+    """Mean next-token loss of a fixed-context model (a transformer decoder: ``model(x).logits``) over
+    ``ids``, the counterpart of ``evaluate_recurrent``: windows of ``block`` inputs every ``stride``
+    tokens (default ``block // 2``), each target scored once, in the first window that gives it
+    ``block - stride`` tokens of context (the first window scores all of its targets). ``stride ==
+    block`` is nanoGPT's consecutive windows, where a window's first tokens see almost no context."""
+    stride = stride or max(block // 2, 1)
+    if not 1 <= stride <= block:
+        raise ConfigError(f"stride must be in [1, block={block}], got {stride}")
+    data = torch.as_tensor(ids, dtype=torch.long)
+    n = data.numel()
+    if n < 2:
+        raise ConfigError(f"{n} tokens are too few to score")
+    was_training = model.training
+    model.eval()
+    total, count, scored_to = 0.0, 0, 1  # targets data[1:scored_to] are done
+    for begin in range(0, n - 1, stride):
+        end = min(begin + block, n - 1)
+        x, y = data[begin:end][None], data[begin + 1:end + 1]  # (1, t), (t,)
+        first = scored_to - (begin + 1)  # the targets before it were scored by earlier windows
+        logits = model(x).logits[0, first:]  # (t - first, V)
+        total += float(F.cross_entropy(logits.float(), y[first:], reduction="sum"))
+        count += y.numel() - first
+        scored_to = end + 1
+        if end == n - 1:
+            break
+    model.train(was_training)
+    nll = total / count
+    return {"nll": nll, "tokens": count, "bits_per_token": nll / LN2, "perplexity": math.exp(min(nll, 700))}
+
+
 def lr_at(elapsed: float, budget: float, step: int, lr: float, warmup_steps: int) -> float:
     """Linear warmup over the first steps, then cosine decay to 10% by the end of the time budget."""
     if step < warmup_steps:

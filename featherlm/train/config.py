@@ -29,6 +29,9 @@ class ModelSection:
     pooling: Literal["auto", "pooler", "cls", "mean", "last"] = "auto"  # classification (see model/heads.py)
     dropout: float = 0.1  # before the classifier
     labels: list[str] = field(default_factory=list)  # label names in id order; empty: those of the train data
+    # ner: a learned embedding of each word's casing (lower, Title, ALL CAPS...) read before an uncased
+    # tokenizer lower-cases it. Off by default so runs saved before the option existed load as they were
+    case_features: bool = False
     # a new, randomly initialised model: name "scratch:FAMILY" (t5, llama, gpt2, bert), trained with peft.method full
     tokenizer: str = ""  # scratch models: a tokenizer folder, or a model (name, folder, .gguf) whose tokenizer to use
     size: str = "tiny"  # scratch models: featherlm.checkpoint.SCRATCH_SIZES (tiny, mini, small, base)

@@ -83,7 +83,7 @@ class PretrainState:
     window_loss: float = 0.0  # training loss summed since the last log line, so a resumed run logs
     window_steps: int = 0  # the same averages as an uninterrupted one
     train_time_s: float = 0.0  # seconds spent in training steps, all invocations together
-    elapsed_s: float = 0.0  # wall seconds of the run, all invocations together (time budget and schedule)
+    elapsed_s: float = 0.0  # train.clock seconds of the run, all invocations together (time budget and schedule)
 
 
 def pretrain(config: PretrainConfig | Mapping[str, Any] | str | Path, *,
@@ -111,6 +111,8 @@ def pretrain(config: PretrainConfig | Mapping[str, Any] | str | Path, *,
 def train_loop(cfg: PretrainConfig, dist: dp.Dist, *, resume: bool, stop_after: int | None,
                progress: bool) -> dict[str, Any]:
     t, run_dir, started = cfg.train, Path(cfg.out.dir), time.perf_counter()
+    clock = time.process_time if t.clock == "cpu" else time.perf_counter  # what the time budget counts
+    clock_started = clock()
     say = functools.partial(print, file=sys.stderr) if progress and dist.main else (lambda *a, **k: None)
 
     # ---- corpus, tokenizer, model; nothing is written until every check has passed
@@ -182,7 +184,7 @@ def train_loop(cfg: PretrainConfig, dist: dp.Dist, *, resume: bool, stop_after: 
             state.tokens += tokens_per_step
             # one collective for the step's loss, the stop request and the clock (averaged over the
             # processes), so every process sets the same lr and takes the same decisions
-            elapsed = start_elapsed + time.perf_counter() - started
+            elapsed = start_elapsed + clock() - clock_started
             step_loss, interrupted, elapsed = dp.all_sum([step_loss, interrupt["requested"], elapsed], dist)
             state.elapsed_s = elapsed / dist.world
             state.window_loss += step_loss
@@ -246,6 +248,7 @@ def train_loop(cfg: PretrainConfig, dist: dp.Dist, *, resume: bool, stop_after: 
         "steps": state.step, "max_steps": t.max_steps, "finished": state.step >= t.max_steps,
         "stopped": stop_reason, "tokens": state.tokens, "tokens_per_s": round(run_tokens / max(run_time, 1e-9), 1),
         "time_s": round(time.perf_counter() - started, 3), "train_time_s": round(state.train_time_s, 3),
+        "elapsed_s": round(state.elapsed_s, 3), "clock": t.clock,
         "params": n_params, "vocab_size": corpus.vocab_size, "processes": dist.world, "device": dist.device.type,
         "bf16": use_bf16,
     }

@@ -40,6 +40,11 @@ class ModelSection:
     d_model: int = 128
     d_ff: int = 0  # 0: 4 * d_model; llama: 8/3 * d_model rounded up to 32 (SwiGLU has three matrices)
     max_seq_len: int = 0  # 0: train.block_size (positions past the block are never trained)
+    # bert only, "auto" keeps BERT's own. norm_position "pre": normalise before attention and MLP and end
+    # with a norm (as GPT-2 and Llama; Xiong et al. 2020). position "rope": rotary positions instead of a
+    # learned table (RoFormer, ModernBERT); a short run cannot afford to learn positions first
+    norm_position: Literal["auto", "pre", "post"] = "auto"
+    position: Literal["auto", "learned", "rope"] = "auto"
     dropout: float = 0.0  # lstm/gru/rnn only: featherlm's transformer has no dropout layers
     order: int = 5  # ngram: the n of the Kneser-Ney n-gram model
 
@@ -84,12 +89,16 @@ class TrainSection:
     sample_tokens: int = 200
     sample_prompt: str = "\n"
     log_every: int = 10  # steps between training-loss lines in metrics.jsonl
-    time_budget_s: float = 0.0  # > 0: stop cleanly (checkpoint, final eval, model) after this many wall seconds
+    time_budget_s: float = 0.0  # > 0: stop cleanly (checkpoint, final eval, model) after this many train.clock seconds
     # of the run (all invocations together: a resumed run continues the same budget; raise it to go on)
     # "steps": warmup, then cosine decay over max_steps (reproducible). "time": the decay runs over
     # time_budget_s instead, so a run ends decayed at the budget however fast the machine is
     # (equal-wall-time comparisons, shared machines); max_steps is then only an upper bound
     schedule: Literal["steps", "time"] = "steps"
+    # what time_budget_s and the "time" schedule count: "wall" seconds, or "cpu" seconds of this process
+    # (all its threads): with train.threads 1 a CPU second is the same compute however loaded a shared
+    # machine is, so runs made one after the other get equal budgets (bench/baselines.py)
+    clock: Literal["wall", "cpu"] = "wall"
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
 
 
@@ -139,6 +148,10 @@ class PretrainConfig:
                                                  "dropout layers (set 0)"),
             (not 0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}"),
             (m.order < 1, f"model.order must be at least 1, got {m.order}"),
+            (m.norm_position != "auto" and arch != "bert", f"model.norm_position is a bert option; {arch} keeps "
+                                                            "its family's (set auto)"),
+            (m.position != "auto" and arch != "bert", f"model.position is a bert option; {arch} keeps its "
+                                                      "family's (set auto)"),
             (m.max_seq_len and m.max_seq_len < t.block_size,
              f"model.max_seq_len {m.max_seq_len} is shorter than train.block_size {t.block_size}"),
             (not 0 <= d.val_ratio < 1, f"data.val_ratio must be in [0, 1), got {d.val_ratio}"),
@@ -178,6 +191,10 @@ class PretrainConfig:
         d_ff = m.d_ff or (32 * -(-8 * m.d_model // (3 * 32)) if family == "llama" else 4 * m.d_model)
         sizes = dict(n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head or m.n_head, d_model=m.d_model,
                      d_ff=d_ff, vocab_size=vocab_size, max_seq_len=m.max_seq_len or self.train.block_size)
+        if m.norm_position != "auto":  # a pre-LN stack ends with a norm; a post-LN one is normalised already
+            sizes.update(norm_position=m.norm_position, final_norm=m.norm_position == "pre")
+        if m.position != "auto":
+            sizes["position"] = m.position
         try:
             return preset(family, **sizes, **{k: v for k, v in special_ids.items() if v is not None})
         except ConfigError as e:

@@ -7,6 +7,9 @@
 - ``minilm-l6``: the real all-MiniLM-L6-v2 (embeddings).
 All in float32, so served outputs can be compared exactly with direct calls.
 
+``task_registry`` serves NER and QA runs (``bert:ner``, ``bert:qa``) trained in seconds on toy data, with
+``tiny`` and ``sst`` beside them; ``task_server`` serves it.
+
 ``start_server(registry, **create_app_options)`` runs ``create_app`` under uvicorn in a thread and
 returns a ``Server`` (``url``, ``app``, ``engine``, ``client()`` an ``openai.OpenAI`` client);
 ``server`` is one such server for the session, with API key ``KEY``.
@@ -120,6 +123,91 @@ def registry(tiny_folder, sft_run, classify_run) -> ModelRegistry:
                               dtype="float32")
 
 
+# ----------------------------------------------------------------------------- NER and QA runs
+
+PEOPLE = ["Okonkwo", "Johansson", "Fitzgerald"]
+PLACES = ["Ouagadougou", "Reykjavik", "Timbuktu", "Kathmandu"]
+NEWS = ["the", "news", "said", "that", "today", "we", "saw", "a", "big", "crowd", "near", "river", "and", "then"]
+
+
+@pytest.fixture(scope="session")
+def wordpiece_bert_folder(tmp_path_factory):
+    """A random tiny BERT with all-MiniLM-L6-v2's real WordPiece tokenizer (as tests/train/test_ner_qa.py):
+    rare names split into several subwords, so entity spans and answers must be mapped back to characters."""
+    from featherlm.checkpoint import save_model
+    from featherlm.config import preset
+    from featherlm.hub import resolve
+    from featherlm.model import Transformer
+    from featherlm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(resolve("minilm-l6"))
+    torch.manual_seed(0)
+    model = Transformer(preset("bert", vocab_size=tokenizer.vocab_size, max_seq_len=64))
+    with torch.no_grad():  # far apart word vectors: a random 2-layer BERT at the usual 0.02 init learns too slowly
+        model.embed_tokens.weight.normal_(0, 1.0)
+    folder = tmp_path_factory.mktemp("wordpiece_bert")
+    save_model(model, tokenizer, folder)
+    return folder
+
+
+def task_config(base, train, out, task: str, max_seq_len: int, epochs: int, **data) -> dict:
+    return {"model": {"name": str(base), "task": task}, "data": {"train": str(train), "eval": str(train), **data},
+            "peft": {"method": "lora", "r": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "train": {"lr": 3e-2, "epochs": epochs, "batch_size": 16, "max_seq_len": max_seq_len,
+                      "warmup_ratio": 0.0, "seed": 0},
+            "out": {"dir": str(out), "plot": False}}
+
+
+@pytest.fixture(scope="session")
+def ner_run(wordpiece_bert_folder, tmp_path_factory):
+    """A LoRA NER run (CoNLL, IOB2): a person's name is B-PER, a place B-LOC, other words O. A few seconds."""
+    from featherlm.train import finetune
+
+    rng = random.Random(1)
+    lines = ["-DOCSTART- -X- -X- O", ""]
+    for _ in range(80):
+        words = [(w, "O") for w in rng.sample(NEWS, rng.randint(3, 6))]
+        words.insert(rng.randint(0, len(words)), (rng.choice(PLACES), "B-LOC") if rng.random() < 0.5
+                     else (rng.choice(PEOPLE), "B-PER"))
+        lines += [f"{w} {tag}" for w, tag in words] + [""]
+    tmp = tmp_path_factory.mktemp("ner")
+    (tmp / "train.txt").write_text("\n".join(lines), encoding="utf-8")
+    finetune(task_config(wordpiece_bert_folder, tmp / "train.txt", tmp / "run", "ner", 32, 3), progress=False)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def qa_run(wordpiece_bert_folder, tmp_path_factory):
+    """A LoRA extractive-QA run (SQuAD 1.1): "what is the capital ?" -> the place after "the capital is".
+    Windows of 48 tokens with a stride of 16, so long contexts are read in several windows."""
+    from featherlm.train import finetune
+
+    rng = random.Random(2)
+    paragraphs = []
+    for i in range(64):
+        words = [rng.choice(NEWS) for _ in range(rng.randint(8, 16))]
+        place, at = rng.choice(PLACES), rng.randint(0, len(words))
+        before = " ".join(words[:at])
+        context = " ".join(words[:at] + ["the", "capital", "is", place, "."] + words[at:])
+        start = len(before) + (1 if before else 0) + len("the capital is ")
+        paragraphs.append({"context": context, "qas": [{"id": f"q{i}", "question": "what is the capital ?",
+                                                        "answers": [{"text": place, "answer_start": start}]}]})
+    tmp = tmp_path_factory.mktemp("qa")
+    (tmp / "train.json").write_text(json.dumps({"version": "v1.1", "data": [{"title": "toy",
+                                                                             "paragraphs": paragraphs}]}))
+    finetune(task_config(wordpiece_bert_folder, tmp / "train.json", tmp / "run", "qa", 48, 4, doc_stride=16),
+             progress=False)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def task_registry(wordpiece_bert_folder, tiny_folder, ner_run, qa_run, classify_run) -> ModelRegistry:
+    """``bert`` (the NER and QA runs' base, so they are ``bert:ner`` and ``bert:qa``), ``tiny`` (a decoder),
+    and ``sst`` (the classification run, on a base that is not served)."""
+    return ModelRegistry.load([f"bert={wordpiece_bert_folder}", f"tiny={tiny_folder}"],
+                              {"ner": str(ner_run), "qa": str(qa_run), "sst": str(classify_run)}, dtype="float32")
+
+
 # ----------------------------------------------------------------------------- real servers
 
 
@@ -188,3 +276,9 @@ def start_server():
 def server(registry, start_server) -> Server:
     """The session's server: API key ``KEY``, batches of up to 8 rows."""
     return start_server(registry, api_key=KEY, max_batch=8, max_queue=16)
+
+
+@pytest.fixture(scope="session")
+def task_server(task_registry, start_server) -> Server:
+    """A server for ``task_registry`` (the NER and QA runs), with API key ``KEY``."""
+    return start_server(task_registry, api_key=KEY, max_batch=4, max_queue=4)

@@ -211,6 +211,17 @@ BAD_REQUESTS = [
     ("temperature of the wrong type", "/v1/completions", {"model": "tiny", "prompt": "a", "temperature": "hot"}, 400,
      "temperature"),
     ("messages not a list", "/v1/chat/completions", {"model": "tiny", "messages": "hello"}, 400, "messages"),
+    # wrong JSON types are refused, not converted (as OpenAI does): a bool, a string or a float for an integer
+    ("max_tokens a bool", "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": True}, 400, "max_tokens"),
+    ("max_tokens a float", "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 10.0}, 400,
+     "max_tokens"),
+    ("n a string", "/v1/completions", {"model": "tiny", "prompt": "a", "n": "2"}, 400, "n"),
+    ("stream a string", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "stream": "yes"}, 400, "stream"),
+    ("prompt of bools", "/v1/completions", {"model": "tiny", "prompt": [True, False]}, 400, "prompt"),
+    ("prompt a number", "/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ("model not a string", "/v1/completions", {"model": ["tiny"], "prompt": "a"}, 400, "model"),
+    ("embedding input a number", "/v1/embeddings", {"model": "minilm-l6", "input": 5}, 400, "input"),
     ("unknown role", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "a"}]},
      400, "messages"),
     ("unknown model", "/v1/completions", {"model": "gpt-4", "prompt": "a"}, 404, "model"),
@@ -221,9 +232,17 @@ BAD_REQUESTS = [
      "max_tokens"),
     ("max_tokens zero", "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     ("prompt longer than the context", "/v1/completions", {"model": "tiny", "prompt": "hello " * 300}, 400, "prompt"),
+    ("token prompt longer than the context", "/v1/completions", {"model": "tiny", "prompt": [1] * 256}, 400, "prompt"),
+    ("max_completion_tokens beyond the limit", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 10**6}, 400,
+     "max_tokens"),
     ("chat longer than the context", "/v1/chat/completions",
      {"model": "tiny", "messages": [{"role": "user", "content": "hello " * 300}]}, 400, "messages"),
     ("absurd n", "/v1/completions", {"model": "tiny", "prompt": "a", "n": 100}, 400, "n"),
+    ("absurd n in a chat", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "n": 10**9}, 400, "n"),
+    ("n zero", "/v1/completions", {"model": "tiny", "prompt": "a", "n": 0}, 400, "n"),
+    ("too many rows", "/v1/completions", {"model": "tiny", "prompt": ["a"] * 16, "n": 8}, 400, "n"),
     ("negative temperature", "/v1/chat/completions",
      {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "temperature": -0.5}, 400, "temperature"),
     ("top_p zero", "/v1/completions", {"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p"),
@@ -251,6 +270,13 @@ def test_bad_input_gets_a_4xx_with_an_openai_error_body(server, path, body, stat
     assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_a_prompt_at_the_context_edge_gets_the_room_that_is_left(server):
+    """256-token context: a 255-token prompt is served (one new token fits), 256 tokens are a 400 (above)."""
+    r = server.client().completions.create(model="tiny", prompt=[5] * 255, max_tokens=5, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.choices[0].finish_reason) == (255, 1, "length")
 
 
 def test_openai_client_sees_typed_errors(server):
@@ -441,3 +467,160 @@ def test_cli_passes_its_flags_to_serve(monkeypatch):
 def test_load_model_refuses_an_unknown_dtype(tiny_folder):
     with pytest.raises(ConfigError, match="dtype"):
         load_model(str(tiny_folder), "int3")
+
+
+# ----------------------------------------------------------------------------- every route, binding, body size
+
+
+def test_every_route_but_health_and_the_ui_needs_the_key_compared_in_constant_time(server, monkeypatch):
+    """Walk the app's own route table, so a route added later cannot be left open by mistake."""
+    import hmac
+
+    from fastapi.routing import APIRoute
+    from starlette.routing import Mount
+
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    public, guarded = [], []
+    for route in server.app.routes:
+        if isinstance(route, Mount):  # /static: the UI's assets (public); /docs/assets: the API page's (guarded)
+            assert route.path in ("/static", "/docs/assets")
+            if route.path == "/static":
+                public.append(("GET", "/static/app.js"))
+            else:
+                guarded.append(("GET", "/docs/assets/swagger-ui.css"))
+            continue
+        path = route.path.replace("{model:path}", "tiny")
+        for method in sorted(route.methods - {"HEAD"}):
+            (public if path in ("/health", "/") else guarded).append((method, path))
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/classify", "/v1/ner", "/v1/qa",
+            "/v1/models", "/v1/models/tiny", "/metrics", "/openapi.json", "/docs", "/v1/attention",
+            "/v1/next_token"} <= {p for _, p in guarded}
+    assert all(isinstance(r, (APIRoute, Mount)) or r.path in ("/openapi.json", "/docs") for r in server.app.routes)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for method, path in guarded:
+            body = {} if method == "POST" else None
+            for key in (None, "wrong-key", server.api_key[:-1] + "X"):  # the last: same length, one byte off
+                compared.clear()
+                r = http.request(method, path, json=body, headers={"Authorization": f"Bearer {key}"} if key else {})
+                assert r.status_code == 401, (method, path, key, r.status_code)
+                assert r.json()["error"]["code"] == "invalid_api_key"
+                if key:
+                    assert compared == [(key.encode(), server.api_key.encode())], (method, path)
+            assert http.request(method, path, json=body, headers=server.headers()).status_code != 401, (method, path)
+        for method, path in public:
+            assert http.request(method, path).status_code == 200, path
+
+
+@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("[::1]", True),
+                                           ("localhost", True), ("LocalHost", True), ("0.0.0.0", False),
+                                           ("::", False), ("192.168.1.20", False), ("example.com", False),
+                                           ("localhost.example.com", False), ("", False)])
+def test_a_non_loopback_bind_needs_an_api_key_or_insecure(host, loopback):
+    from featherlm.serve import check_bind, is_loopback
+
+    assert is_loopback(host) is loopback
+    check_bind(host, "key", insecure=False)
+    check_bind(host, None, insecure=True)
+    if loopback:
+        check_bind(host, None, insecure=False)
+    else:
+        with pytest.raises(ConfigError, match="--api-key"):
+            check_bind(host, None, insecure=False)
+        with pytest.raises(ConfigError, match="--api-key"):
+            check_bind(host, "", insecure=False)  # an empty key is no key
+
+
+def test_serve_refuses_a_public_bind_before_loading_anything(monkeypatch):
+    import uvicorn
+
+    import featherlm.serve
+    from featherlm.serve import registry as registry_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("nothing may be loaded or bound")
+
+    monkeypatch.setattr(uvicorn, "run", never)
+    monkeypatch.setattr(registry_module, "load_model", never)
+    with pytest.raises(ConfigError, match="refusing to listen on 0.0.0.0"):
+        featherlm.serve.serve(["smollm2-135m-instruct"], host="0.0.0.0")
+    with pytest.raises(ConfigError, match="refusing"):
+        featherlm.serve.serve(["smollm2-135m-instruct"], host="::", api_key=None)
+
+
+def test_a_body_without_content_length_is_limited_too(start_server, registry):
+    from featherlm.serve import Limits
+
+    server = start_server(registry, limits=Limits(max_body_bytes=2000))
+    text = "hello " * 1000  # 6 kB
+
+    def chunks():  # a generator body: httpx sends it chunked, without a Content-Length
+        yield json.dumps({"model": "minilm-l6", "input": text}).encode()
+
+    for content in (chunks(), json.dumps({"model": "minilm-l6", "input": text}).encode()):
+        r = httpx.post(server.url + "/v1/embeddings", content=content, headers={"Content-Type": "application/json"},
+                       timeout=30)
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "body_too_large"
+    small = httpx.post(server.url + "/v1/embeddings", content=iter([b'{"model": "minilm-l6", "input": "hello"}']),
+                       headers={"Content-Type": "application/json"}, timeout=30)
+    assert small.status_code == 200 and len(small.json()["data"][0]["embedding"]) == 384
+
+
+# ----------------------------------------------------------------------------- encoder-decoder models (T5)
+
+
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory):
+    """A random tiny T5 with a word-level tokenizer laid out as T5's (<pad> 0, </s> 1, <unk> 2)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, processors
+
+    from featherlm.checkpoint import save_model
+    from featherlm.config import preset
+    from featherlm.model import new_model
+    from featherlm.tokenizer import Tokenizer
+
+    vocab = ["<pad>", "</s>", "<unk>", "translate", ":", "hello", "world", "bonjour", "monde"]
+    backend = Backend(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    torch.manual_seed(0)
+    model = new_model(preset("t5", vocab_size=len(vocab), d_model=32, n_head=4, d_ff=64, relative_buckets=8,
+                             relative_max_distance=16))
+    folder = tmp_path_factory.mktemp("tiny_t5")
+    save_model(model, Tokenizer(backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"), folder)
+    return folder
+
+
+def test_an_encoder_decoder_model_is_refused_at_load_with_a_clear_error(t5_folder, tiny_folder, capsys, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("a T5 server must not start"))
+    with pytest.raises(ConfigError, match=r"encoder-decoder models \(T5\) cannot be served yet") as e:
+        ModelRegistry.load([f"tiny={tiny_folder}", f"t5={t5_folder}"], dtype="float32")
+    assert str(e.value).startswith("t5: ") and f"featherlm generate --model {t5_folder}" in str(e.value)
+    assert main(["serve", "--model", str(t5_folder), "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featherlm serve: error: ") and "encoder-decoder" in err
+    assert len(err.strip().splitlines()) == 1  # one line, no stack trace
+    # `featherlm generate`, which the message points at, does generate with it
+    assert main(["generate", "--model", str(t5_folder), "--prompt", "translate : hello", "--max-new-tokens", "3",
+                 "--dtype", "float32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt_tokens"] == 4
+
+
+def test_a_run_on_an_encoder_decoder_model_is_refused_at_load(t5_folder, tmp_path):
+    from featherlm.train import finetune
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": s, "target": t}) + "\n"
+                            for s, t in [("hello", "bonjour"), ("world", "monde"), ("hello world", "bonjour monde")]))
+    finetune({"model": {"name": str(t5_folder), "task": "translation"},
+              "data": {"train": str(data), "prompt": "translate : {source}"},
+              "peft": {"method": "lora", "r": 4}, "train": {"max_steps": 1, "batch_size": 2, "max_seq_len": 16},
+              "out": {"dir": str(tmp_path / "run"), "plot": False}}, progress=False)
+    with pytest.raises(ConfigError, match="translation run is on an encoder-decoder model") as e:
+        ModelRegistry.load([], {"fr": str(tmp_path / "run")}, dtype="float32")
+    assert "featherlm generate --adapter" in str(e.value)

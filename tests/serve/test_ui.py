@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+import threading
 import time
 
 import pytest
@@ -350,9 +351,28 @@ def test_browser_chats_with_streaming_and_draws_attention(registry, start_server
             torch.testing.assert_close(torch.tensor(_weights(page)), maps[0][0, 0])
             box = page.locator("#heatmap .cell").first.bounding_box()
             assert box and box["width"] >= 6 and box["height"] >= 6  # laid out, not just in the DOM
+            # picking a layer then a head sends two requests; the first (head 0) is made to answer last, and
+            # the page must still show the head picked last rather than the stale map
+            import featherlm.serve.ui as ui
+
+            stale = threading.Event()
+
+            def slow_for_head_0(registry, body):
+                if (body.layer, body.head) == (1, 0):
+                    stale.set()
+                    time.sleep(0.6)
+                return attention_map(registry, body)
+
+            attention_map = ui.attention_map
+            monkeypatch.setattr(ui, "attention_map", slow_for_head_0)
             page.select_option("#attention-layer", "1")
             page.select_option("#attention-head", "3")
             expect(page.locator("#heatmap-caption")).to_contain_text("Layer 1 of 2, head 3 of 4")
+            assert stale.wait(5)
+            time.sleep(0.8)  # the stale answer has arrived by now, and must have changed nothing
+            expect(page.locator("#heatmap-caption")).to_contain_text("Layer 1 of 2, head 3 of 4")
+            assert page.input_value("#attention-head") == "3"
+            monkeypatch.undo()
             torch.testing.assert_close(torch.tensor(_weights(page)), maps[1][0, 3])
             page.focus("#heatmap")  # keyboard: arrows walk the cells and the readout says the weight
             for key in ("ArrowDown", "ArrowDown", "ArrowRight"):

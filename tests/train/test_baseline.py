@@ -9,14 +9,19 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from featherlm.cli import main
+from featherlm.config import preset
 from featherlm.errors import ConfigError
+from featherlm.model import Transformer
 from featherlm.model.baselines import KneserNeyLM, RecurrentLM
 from featherlm.tokenizer import char_tokenizer
 from featherlm.train.baseline import (
     encode_text,
     evaluate_recurrent,
+    evaluate_windows,
     split_ids,
     streams,
     train_classifier_baseline,
@@ -70,6 +75,32 @@ def test_ngram_baseline_reports_bits_and_saves(tmp_path):
     assert result["val_bits_per_token"] < 0.5
     assert KneserNeyLM.load(tmp_path / "ngram.json").evaluate(PATTERN[1000:])["nll"] == pytest.approx(
         result["val_loss"])
+
+
+def test_windowed_scoring_of_a_transformer_scores_every_token_once():
+    from featherlm.train.gan import validation_loss
+
+    torch.manual_seed(0)
+    model = Transformer(preset("llama", n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_ff=32, vocab_size=11,
+                               max_seq_len=32))
+    ids = torch.randint(11, (1 + 8 * 7,))  # 57 ids: 56 targets, 7 whole windows of 8
+    with torch.no_grad():
+        whole = F.cross_entropy(model(ids[None, :32]).logits[0, :31], ids[1:32])
+    assert evaluate_windows(model, ids[:32], block=32)["nll"] == pytest.approx(float(whole), rel=1e-5)
+    consecutive = evaluate_windows(model, ids, block=8, stride=8)  # nanoGPT's windows, as the GAN module scores
+    assert consecutive["nll"] == pytest.approx(validation_loss(model, ids, 8), rel=1e-5)
+    for block, stride in ((8, 4), (8, 1), (16, 5), (32, 16)):
+        scores = evaluate_windows(model, ids, block=block, stride=stride)
+        assert scores["tokens"] == 56  # each target once, none skipped
+        assert scores["bits_per_token"] == pytest.approx(scores["nll"] / math.log(2))
+    # stride 1: the first window scores targets 1..8 from all ids before them, every later target is scored
+    # from the 8 ids before it
+    with torch.no_grad():
+        per_target = [float(F.cross_entropy(model(ids[None, max(0, j - 8):j]).logits[0, -1:], ids[j:j + 1]))
+                      for j in range(1, ids.numel())]
+    assert evaluate_windows(model, ids, block=8, stride=1)["nll"] == pytest.approx(sum(per_target) / 56, rel=1e-5)
+    with pytest.raises(ConfigError, match="stride must be in"):
+        evaluate_windows(model, ids, block=8, stride=9)
 
 
 def test_lm_baseline_refuses_unknown_kinds():

@@ -12,13 +12,17 @@ import torch
 from safetensors.torch import load_file
 
 import featherlm
+from featherlm.checkpoint import read_checkpoint
 from featherlm.cli import main
 from featherlm.errors import ConfigError, DataError
 from featherlm.model.baselines import KneserNeyLM, RecurrentLM
 from featherlm.tokenizer import Tokenizer
 from featherlm.train import finetune
+from featherlm.train import pretrain as pretrain_module
+from featherlm.train.config import load_config
 from featherlm.train.pretrain import pretrain
 from featherlm.train.pretrain_config import load_pretrain_config
+from featherlm.train.run import base_checkpoint
 
 TINY = ["--model.n_layer", "1", "--model.n_head", "2", "--model.d_model", "32", "--train.block_size", "16",
         "--train.batch_size", "8", "--train.warmup_steps", "2", "--train.eval_iters", "2", "--train.log_every", "1",
@@ -125,6 +129,32 @@ def test_time_schedule_decays_over_the_budget(corpus, tmp_path):
         load_pretrain_config({"data": {"train": str(corpus)}, "train": {"schedule": "time"}})
 
 
+def test_cpu_clock_budget_counts_process_time(corpus, tmp_path, monkeypatch):
+    """train.clock cpu: the budget and the schedule read CPU seconds of the process (a fake clock that
+    advances one second per reading), not wall time."""
+    readings = iter(range(1000))
+
+    class FakeTime:
+        perf_counter = staticmethod(pretrain_module.time.perf_counter)
+        strftime = staticmethod(pretrain_module.time.strftime)
+
+        @staticmethod
+        def process_time() -> float:
+            return float(next(readings))
+
+    monkeypatch.setattr(pretrain_module, "time", FakeTime)
+    out = tmp_path / "run"
+    result = pretrain({}, overrides=settings(corpus, out, "--train.max_steps", "1000", "--train.clock", "cpu",
+                                             "--train.schedule", "time", "--train.time_budget_s", "4",
+                                             "--train.eval_every", "0", "--train.warmup_steps", "0"), progress=False)
+    assert result["stopped"] == "time_budget" and result["steps"] == 4  # CPU "seconds" 1, 2, 3, 4
+    assert result["clock"] == "cpu" and result["elapsed_s"] == 4
+    lrs = [r["lr"] for r in train_records(out) if r["split"] == "train"]
+    assert lrs[0] == 1e-3 and lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-3  # decays over CPU seconds
+    wall = pretrain({}, overrides=settings(corpus, tmp_path / "wall", "--train.max_steps", "3"), progress=False)
+    assert wall["clock"] == "wall" and wall["steps"] == 3
+
+
 def test_cli_json_line(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["pretrain", "--model", "llama", "--data", str(corpus), "--out", str(out), *TINY,
@@ -173,6 +203,18 @@ def test_config_errors_from_python(corpus):
     assert load_pretrain_config({"data": {"train": str(corpus)}, "model": {"arch": "t5"}}).objective.kind == "span"
     config = load_pretrain_config({"data": {"train": str(corpus)}, "model": {"arch": "bert"}})
     assert config.objective.kind == "mlm"  # auto: the objective of the family
+    post = config.model_config(vocab_size=100)
+    assert (post.norm_position, post.final_norm) == ("post", False)  # BERT's own block
+    config = load_pretrain_config({"data": {"train": str(corpus)}, "model": {"arch": "bert", "norm_position": "pre"}})
+    pre = config.model_config(vocab_size=100)
+    assert (pre.norm_position, pre.final_norm) == ("pre", True)
+    assert {**pre.to_dict(), "norm_position": "post", "final_norm": False} == post.to_dict()
+    with pytest.raises(ConfigError, match="model.norm_position is a bert option"):
+        load_pretrain_config({"data": {"train": str(corpus)}, "model": {"norm_position": "pre"}})
+    config = load_pretrain_config({"data": {"train": str(corpus)}, "model": {"arch": "bert", "position": "rope"}})
+    assert config.model_config(vocab_size=100).position == "rope" and post.position == "learned"
+    with pytest.raises(ConfigError, match="model.position is a bert option"):
+        load_pretrain_config({"data": {"train": str(corpus)}, "model": {"arch": "gpt", "position": "rope"}})
 
 
 def test_short_data_is_a_data_error(tmp_path):
@@ -201,6 +243,20 @@ def test_bert_mlm_pretraining_then_classification_finetuning(corpus, tmp_path, s
                                     "--train.max_steps", "4", "--train.batch_size", "8", "--train.max_seq_len", "16",
                                     "--out.dir", str(tmp_path / "ft"), "--out.plot", "false"], progress=False)
     assert tuned["finished"] and 0 <= tuned["eval"]["accuracy"] <= 1
+
+    # the baseline of the same architecture from random weights: scratch:bert sized as featherlm.json says
+    pretrained = read_checkpoint(out / "model")
+    c = pretrained.config
+    sizes = {k: getattr(c, k) for k in ("n_layer", "n_head", "d_model", "d_ff", "max_seq_len", "position",
+                                        "norm_position", "final_norm")}
+    scratch = base_checkpoint(load_config({"model": {"name": "scratch:bert", "tokenizer": str(out / "model"),
+                                                     "overrides": sizes},
+                                           "data": {"train": str(train)}, "peft": {"method": "full"}}))
+    ids = dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id"))  # the encoder does not use them
+    assert {**scratch.config.to_dict(), **ids} == {**c.to_dict(), **ids}
+    assert scratch.config.pad_token_id == c.pad_token_id
+    assert {k: v.shape for k, v in scratch.state_dict.items()} == {k: v.shape for k, v in pretrained.state_dict.items()}
+    assert not torch.equal(scratch.state_dict["embed_tokens.weight"], pretrained.state_dict["embed_tokens.weight"])
 
 
 def test_recurrent_and_ngram_baselines(corpus, tmp_path):

@@ -437,25 +437,37 @@ function showNextTokens(result) {
   $("#next-tokens tbody").replaceChildren(...rows);
 }
 
+// Requests may finish out of order (a quick layer then head change sends two): only the latest request's
+// answer is drawn, else a stale map would overwrite the chosen one and reset the pickers to its values.
+let attentionRequests = 0;
+let nextTokenRequests = 0;
+
 async function runAttention(withNext) {
   clearError();
+  const ticket = ++attentionRequests;
+  const nextTicket = withNext ? ++nextTokenRequests : 0;
   const model = $("#attention-model").value;
   const text = $("#attention-text").value;
   const body = { model, text, layer: Number($("#attention-layer").value), head: Number($("#attention-head").value) };
   const next = withNext ? api("/v1/next_token", { model, text, top_k: 10 }) : null;
   try {
     const result = await api("/v1/attention", body);
-    fillPicker($("#attention-layer"), result.n_layer, result.layer);
-    fillPicker($("#attention-head"), result.n_head, result.head);
-    drawHeatmap(result);
+    if (ticket === attentionRequests) {
+      fillPicker($("#attention-layer"), result.n_layer, result.layer);
+      fillPicker($("#attention-head"), result.n_head, result.head);
+      drawHeatmap(result);
+    }
   } catch (err) {
-    showError(err);
+    if (ticket === attentionRequests) showError(err);
   }
   if (next) {
     try {
-      showNextTokens(await next);
+      const top = await next;
+      if (nextTicket === nextTokenRequests) showNextTokens(top);
     } catch (err) { // encoders have no next token: say so in the table rather than as a page error
-      $("#next-tokens tbody").replaceChildren(el("tr", {}, el("td", { colSpan: 3 }, err.message)));
+      if (nextTicket === nextTokenRequests) {
+        $("#next-tokens tbody").replaceChildren(el("tr", {}, el("td", { colSpan: 3 }, err.message)));
+      }
     }
   }
 }

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featherlm.data import IGNORE_INDEX
-from featherlm.data.ner import encode_ner, ner_labels, read_conll, word_tags
+from featherlm.data import IGNORE_INDEX, collate
+from featherlm.data.ner import CASE_CLASSES, encode_ner, ner_labels, read_conll, word_tags
 from featherlm.errors import ConfigError, DataError
 from featherlm.evaluate.entities import entity_scores
 from featherlm.model.heads import TokenClassifier
@@ -20,7 +20,7 @@ class NerTask(Task):
     name = "ner"
     metrics = ("f1", "precision", "recall", "accuracy", "loss")
     needs_decoder = False
-    head_modules = ("classifier",)
+    head_modules = ("classifier", "case_embed")  # case_embed: only with model.case_features
 
     def read(self, cfg, path, tokenizer, *, skip_bad_rows=False) -> TaskData:
         """Sentences as token-labelled examples. The training file (read first) fixes the label list in
@@ -39,14 +39,26 @@ class NerTask(Task):
         return TaskData(data.path, examples, data.skipped, source=data.scheme)
 
     def build_model(self, backbone, cfg) -> nn.Module:
-        return TokenClassifier(backbone, list(cfg.model.labels), cfg.model.dropout)
+        """A ``TokenClassifier``; with ``model.case_features``, one that also embeds each word's casing
+        class (the examples' ``case_ids``, read from the words as written)."""
+        cases = len(CASE_CLASSES) if cfg.model.case_features else 0
+        return TokenClassifier(backbone, list(cfg.model.labels), cfg.model.dropout, case_classes=cases)
+
+    def collate(self, examples, pad_id: int) -> dict[str, torch.Tensor]:
+        """Padded batch plus ``case_ids`` (B, T), 0 on padding."""
+        batch = collate(examples, pad_id)
+        case_ids = torch.zeros_like(batch["input_ids"])
+        for i, e in enumerate(examples):
+            case_ids[i, :len(e["case_ids"])] = torch.tensor(e["case_ids"], dtype=torch.long)
+        batch["case_ids"] = case_ids
+        return batch
 
     def terms(self, batch) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         """Token cross-entropy summed over labelled tokens (first subwords, unless all are labelled)."""
-        logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, L)
+        logits = model(batch["input_ids"], batch["attention_mask"], case_ids=batch["case_ids"])  # (B, T, L)
         labels = batch["labels"]  # (B, T)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
@@ -66,7 +78,7 @@ class NerTask(Task):
         with evaluating(model):
             for index, batch in self.batches(examples, batch_size, pad_id):
                 with autocast(bf16):
-                    logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, L)
+                    logits = model(batch["input_ids"], batch["attention_mask"], case_ids=batch["case_ids"])
                 targets = batch["labels"]
                 total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                                ignore_index=IGNORE_INDEX, reduction="sum"))

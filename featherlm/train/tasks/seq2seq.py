@@ -27,7 +27,6 @@ from torch import nn
 from featherlm.data import IGNORE_INDEX
 from featherlm.data.pairs import encode_pairs, read_pairs
 from featherlm.errors import ConfigError, DataError
-from featherlm.evaluate.metrics import perplexity
 from featherlm.evaluate.text_metrics import bleu, chrf, has_cjk, rouge
 from featherlm.generate import GenerationConfig, generate_ids
 from featherlm.train.tasks.base import Task, TaskData, autocast, evaluating
@@ -132,19 +131,14 @@ class Seq2SeqTask(Task):
     def evaluate(self, model, data, *, cfg, tokenizer, batch_size, pad_id, bf16=False) -> dict[str, Any]:
         """Loss and perplexity over ``data``; the task's metrics on the outputs generated for its first
         ``data.max_eval_generate`` pairs; ``predictions`` (those outputs, in order) and ``generated``."""
-        total, count = 0.0, 0
+        scores = super().evaluate(model, data, cfg=cfg, tokenizer=tokenizer, batch_size=batch_size, pad_id=pad_id,
+                                  bf16=bf16)  # loss, perplexity, tokens
+        limit = cfg.data.max_eval_generate or len(data.examples)
+        chosen = data.examples[:limit]
         with evaluating(model):
-            for _, batch in self.batches(data.examples, batch_size, pad_id):
-                with autocast(bf16):
-                    loss, n = self.loss(model, batch)
-                total, count = total + float(loss), count + n
-            limit = cfg.data.max_eval_generate or len(data.examples)
-            chosen = data.examples[:limit]
             predictions = self.generate(model, tokenizer, chosen, cfg, batch_size, pad_id, bf16)
         references = [data.source.targets[e["index"]] for e in chosen]
-        mean = total / max(count, 1)
-        return {"loss": mean, "perplexity": perplexity(mean), "tokens": count,
-                **self.score(predictions, references, cfg), "generated": len(predictions),
+        return {**scores, **self.score(predictions, references, cfg), "generated": len(predictions),
                 "predictions": predictions}
 
     def generate(self, model, tokenizer, examples: Sequence[dict[str, Any]], cfg, batch_size: int, pad_id: int,
